@@ -1,0 +1,241 @@
+"""Flat PyTorch state dicts (LDM or diffusers layout) ↔ our Flax parameter tree.
+
+`ldm_to_params` checks every key and shape against the architecture and reports mismatches with
+counts, the first few names and the likely cause; `expand_input_channels` is the paper's channel
+surgery (zero-initialised extra U-Net input channels, channel order preserved).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sketchcomp_jax.models.config import ModelConfig, build_networks
+from sketchcomp_jax.weights.errors import CheckpointError
+from sketchcomp_jax.weights.keymap import UNET_PREFIX, KeyEntry, is_ignored_ldm_key, model_entries
+
+log = logging.getLogger(__name__)
+StateDict = Mapping[str, np.ndarray]
+CONV_IN_KEY = f"{UNET_PREFIX}input_blocks.0.0.weight"
+ALLOWED_EXPANSIONS = {(4, 9), (4, 12), (9, 12)}
+CHANNEL_NAMES = {4: "Stable Diffusion (4-channel)", 9: "Paint-by-Example (9-channel)", 12: "Paint-by-Sketch (12-channel)"}
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's keys or shapes do not match the architecture."""
+
+
+def _listing(title: str, items: list[str], limit: int = 8) -> str:
+    head = ", ".join(items[:limit])
+    more = f" … and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{len(items)} {title}: {head}{more}"
+
+
+def _guess_cause(missing: list[str], unexpected: list[str]) -> str:
+    hints = []
+    if any(k.startswith("cond_stage_model.transformer.text_model") for k in unexpected):
+        hints.append(
+            "this looks like a text-conditioned Stable Diffusion checkpoint (CLIP *text* encoder); "
+            "Paint-by-Example needs the CLIP vision tower, mapper and proj_out — convert a Paint-by-Example checkpoint"
+        )
+    if any(k.startswith("model_ema.") for k in unexpected):
+        hints.append("the checkpoint holds EMA weights under model_ema.*")
+    if missing and all(not k.startswith(UNET_PREFIX) for k in missing) and any(
+        k.startswith("cond_stage_model") for k in missing
+    ):
+        hints.append("the conditioner (CLIP vision/mapper) is missing: is this a U-Net-only file?")
+    if missing and any(k.startswith(UNET_PREFIX) for k in missing) and any(k.startswith(UNET_PREFIX) for k in unexpected):
+        hints.append("the U-Net block structure differs: check --ldm_config (channel_mult, num_res_blocks, attention)")
+    return ("; likely cause: " + "; ".join(hints)) if hints else ""
+
+
+def abstract_params(config: ModelConfig) -> dict[str, Any]:
+    """Parameter shapes (a pytree of `jax.ShapeDtypeStruct`) of the full model, without allocating."""
+    nets = build_networks(config)
+    lat = config.latent_size
+    rng = jax.random.PRNGKey(0)
+
+    def init():
+        unet = nets.unet.init(
+            rng,
+            jnp.zeros((1, lat, lat, config.unet.in_channels)),
+            jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 1, config.context_dim)),
+        )["params"]
+        # The VAE is built at a tiny spatial size: its parameter shapes do not depend on the input size.
+        size = 2 * config.vae.downsample_factor
+        vae = nets.vae.init(rng, jnp.zeros((1, size, size, config.vae.in_channels)))["params"]
+        clip = config.clip
+        cond = nets.conditioner.init(rng, jnp.zeros((1, clip.image_size, clip.image_size, clip.num_channels)))["params"]
+        return {"unet": unet, "vae": vae, "conditioner": cond}
+
+    return jax.eval_shape(init)
+
+
+def _get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node = tree
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def torch_to_flax(entry: KeyEntry, tensor: np.ndarray) -> np.ndarray:
+    """One PyTorch-layout tensor → its Flax layout (float32)."""
+    t = np.asarray(tensor, dtype=np.float32)
+    if entry.kind == "conv":
+        return np.ascontiguousarray(t.transpose(2, 3, 1, 0))
+    if entry.kind == "linear":
+        return np.ascontiguousarray(t.T)
+    if entry.kind == "pointwise":
+        return np.ascontiguousarray(t.reshape(t.shape[0], t.shape[1]).T)
+    return t
+
+
+def flax_to_torch(entry: KeyEntry, array: np.ndarray, ndim: int | None = None) -> np.ndarray:
+    """One Flax-layout array → PyTorch layout. `ndim` picks the 1×1-conv (4) or Linear (2) form of `pointwise`."""
+    a = np.asarray(array)
+    if entry.kind == "conv":
+        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+    if entry.kind == "linear":
+        return np.ascontiguousarray(a.T)
+    if entry.kind == "pointwise":
+        w = np.ascontiguousarray(a.T)
+        return w.reshape(w.shape + (1, 1)) if (ndim or entry.ldm_ndim) == 4 else w
+    return a
+
+
+def expand_input_channels(weight: np.ndarray, target: int) -> np.ndarray:
+    """Zero-extends the U-Net `conv_in` weight (out, in, kh, kw) to `target` input channels.
+
+    The original initialises Paint-by-Example from SD (4→9) and Paint-by-Sketch from PbE (9→12) this
+    way; existing channels keep their order and values, new ones are zero so the model's output is
+    unchanged until training moves them.
+    """
+    current = weight.shape[1]
+    if current == target:
+        return weight
+    if (current, target) not in ALLOWED_EXPANSIONS:
+        raise CheckpointMismatchError(
+            f"cannot change the U-Net input channels from {current} to {target}: only "
+            f"{sorted(ALLOWED_EXPANSIONS)} (zero-initialised new channels) are supported"
+        )
+    pad = np.zeros((weight.shape[0], target - current) + weight.shape[2:], weight.dtype)
+    return np.concatenate([weight, pad], axis=1)
+
+
+def ldm_to_params(sd: StateDict, config: ModelConfig) -> dict[str, Any]:
+    """LDM-layout state dict → Flax params `{'unet', 'vae', 'conditioner'}` (float32 numpy arrays).
+
+    `config.unet.in_channels` may exceed the checkpoint's `conv_in` channels (channel surgery). Raises
+    `CheckpointMismatchError` naming missing / unexpected / wrongly-shaped keys.
+    """
+    sd = dict(sd)
+    ckpt_in = sd[CONV_IN_KEY].shape[1] if CONV_IN_KEY in sd else None
+    target_in = config.unet.in_channels
+    if ckpt_in is not None and ckpt_in != target_in:
+        if ckpt_in > target_in or (ckpt_in, target_in) not in ALLOWED_EXPANSIONS:
+            name = CHANNEL_NAMES.get(ckpt_in, f"{ckpt_in}-channel")
+            raise CheckpointMismatchError(
+                f"U-Net input channels: the checkpoint's {CONV_IN_KEY} has {ckpt_in} channels "
+                f"(a {name} U-Net) but the model wants {target_in}; "
+                + (
+                    f"pass --in_channels {target_in} to add zero-initialised channels"
+                    if (ckpt_in, target_in) in ALLOWED_EXPANSIONS
+                    else f"use a model config with in_channels={ckpt_in}"
+                )
+            )
+        log.info("expanding U-Net input channels %d → %d (zero-initialised)", ckpt_in, target_in)
+        sd[CONV_IN_KEY] = expand_input_channels(np.asarray(sd[CONV_IN_KEY]), target_in)
+
+    expected = abstract_params(config)
+    entries = model_entries(config)
+    params: dict[str, Any] = {}
+    missing, wrong_shape = [], []
+    used = set()
+    for entry in entries:
+        if entry.ldm_key not in sd:
+            missing.append(entry.ldm_key)
+            continue
+        used.add(entry.ldm_key)
+        value = torch_to_flax(entry, sd[entry.ldm_key])
+        want = _get_path(expected, entry.flax_path).shape
+        if entry.ldm_key == "learnable_vector" and value.ndim == 2:
+            value = value[None]
+        if tuple(value.shape) != tuple(want):
+            wrong_shape.append(
+                f"{entry.ldm_key} {tuple(np.shape(sd[entry.ldm_key]))} (expected torch shape "
+                f"{tuple(flax_to_torch(entry, np.zeros(want)).shape)})"
+            )
+            continue
+        _set_path(params, entry.flax_path, value)
+    unexpected = sorted(k for k in sd if k not in used and not is_ignored_ldm_key(k))
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(_listing("missing keys", missing))
+        if unexpected:
+            parts.append(_listing("unexpected keys", unexpected))
+        if wrong_shape:
+            parts.append(_listing("keys with the wrong shape", wrong_shape))
+        raise CheckpointMismatchError(
+            "checkpoint does not match the model architecture: " + "; ".join(parts) + _guess_cause(missing, unexpected)
+        )
+    return params
+
+
+def params_to_ldm(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
+    """Flax params → the original LDM-layout state dict (network weights only, float32 numpy)."""
+    out = {}
+    for entry in model_entries(config):
+        out[entry.ldm_key] = flax_to_torch(entry, np.asarray(_get_path(params, entry.flax_path), np.float32))
+    return out
+
+
+def diffusers_to_ldm(components: Mapping[str, Mapping[str, np.ndarray]], config: ModelConfig) -> dict[str, np.ndarray]:
+    """diffusers state dicts per component (`unet`, `vae`, `image_encoder`) → one LDM-layout state dict.
+
+    Uses the same entries as the LDM map, so a diffusers folder and an LDM checkpoint of the same
+    model yield identical params. The mapper's separate q/k/v are fused back into `c_qkv` (valid
+    because the mapper has a single head, as diffusers' conversion assumes).
+    """
+    out: dict[str, np.ndarray] = {}
+    missing = []
+    used: dict[str, set[str]] = {name: set() for name in components}
+    for entry in model_entries(config):
+        comp = components.get(entry.diffusers_component)
+        if comp is None:
+            raise CheckpointMismatchError(f"diffusers folder has no '{entry.diffusers_component}' component")
+        keys = entry.diffusers_key if isinstance(entry.diffusers_key, tuple) else (entry.diffusers_key,)
+        if not all(k in comp for k in keys):
+            missing += [f"{entry.diffusers_component}/{k}" for k in keys if k not in comp]
+            continue
+        used[entry.diffusers_component].update(keys)
+        tensors = [np.asarray(comp[k]) for k in keys]
+        value = np.concatenate(tensors, axis=0) if len(tensors) > 1 else tensors[0]
+        if entry.kind == "pointwise":
+            value = value.reshape(value.shape[:2] + ((1, 1) if entry.ldm_ndim == 4 else ()))
+        if entry.ldm_key == "learnable_vector":
+            value = value.reshape(1, 1, -1)
+        out[entry.ldm_key] = value
+    unexpected = sorted(
+        f"{name}/{k}"
+        for name, comp in components.items()
+        for k in comp
+        if k not in used[name] and not k.endswith("position_ids")
+    )
+    if missing or unexpected:
+        parts = [_listing("missing keys", missing)] if missing else []
+        if unexpected:
+            parts.append(_listing("unexpected keys", unexpected))
+        raise CheckpointMismatchError("diffusers weights do not match the model architecture: " + "; ".join(parts))
+    return out
