@@ -139,7 +139,7 @@ def ldm_to_params(sd: StateDict, config: ModelConfig) -> dict[str, Any]:
     `config.unet.in_channels` may exceed the checkpoint's `conv_in` channels (channel surgery). Raises
     `CheckpointMismatchError` naming missing / unexpected / wrongly-shaped keys.
     """
-    sd = dict(sd)
+    sd = normalize_clip_prefix(sd, "cond_stage_model.transformer.")
     ckpt_in = sd[CONV_IN_KEY].shape[1] if CONV_IN_KEY in sd else None
     target_in = config.unet.in_channels
     if ckpt_in is not None and ckpt_in != target_in:
@@ -201,6 +201,22 @@ def params_to_ldm(params: Mapping[str, Any], config: ModelConfig) -> dict[str, n
     return out
 
 
+def normalize_clip_prefix(sd: StateDict, prefix: str) -> dict[str, np.ndarray]:
+    """Puts CLIP vision weights saved by transformers ≥ 5 (`{prefix}embeddings.*`, no `vision_model.`
+    level) under `{prefix}vision_model.*`, the layout of every released checkpoint."""
+    flat_marker = f"{prefix}embeddings.class_embedding"
+    if flat_marker not in sd:
+        return dict(sd)
+    clip_parts = ("embeddings.", "encoder.layers.", "pre_layrnorm.", "post_layernorm.")
+    out = {}
+    for key, value in sd.items():
+        rest = key[len(prefix):] if key.startswith(prefix) else None
+        if rest is not None and rest.startswith(clip_parts):
+            key = f"{prefix}vision_model.{rest}"
+        out[key] = value
+    return out
+
+
 def diffusers_to_ldm(components: Mapping[str, Mapping[str, np.ndarray]], config: ModelConfig) -> dict[str, np.ndarray]:
     """diffusers state dicts per component (`unet`, `vae`, `image_encoder`) → one LDM-layout state dict.
 
@@ -208,6 +224,9 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, np.ndarray]], config:
     model yield identical params. The mapper's separate q/k/v are fused back into `c_qkv` (valid
     because the mapper has a single head, as diffusers' conversion assumes).
     """
+    components = dict(components)
+    if "image_encoder" in components:
+        components["image_encoder"] = normalize_clip_prefix(components["image_encoder"], "model.")
     out: dict[str, np.ndarray] = {}
     missing = []
     used: dict[str, set[str]] = {name: set() for name in components}
@@ -239,3 +258,25 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, np.ndarray]], config:
             parts.append(_listing("unexpected keys", unexpected))
         raise CheckpointMismatchError("diffusers weights do not match the model architecture: " + "; ".join(parts))
     return out
+
+
+def unet_params_from_diffusers(state_dict: StateDict, config: ModelConfig) -> dict[str, Any]:
+    """A lone diffusers `UNet2DConditionModel` state dict → our U-Net params (the `unet` subtree).
+
+    For U-Net-only work (benchmarks, swapping a U-Net into an existing model directory)."""
+    from sketchcomp_jax.weights.keymap import unet_entries
+
+    remaining = dict(state_dict)
+    params: dict[str, Any] = {}
+    missing = []
+    for entry in unet_entries(config):
+        if entry.diffusers_key not in remaining:
+            missing.append(entry.diffusers_key)
+            continue
+        _set_path(params, entry.flax_path, torch_to_flax(entry, remaining.pop(entry.diffusers_key)))
+    if missing or remaining:
+        parts = [_listing("missing keys", missing)] if missing else []
+        if remaining:
+            parts.append(_listing("unexpected keys", sorted(remaining)))
+        raise CheckpointMismatchError("diffusers U-Net does not match the config: " + "; ".join(parts))
+    return params["unet"]

@@ -1,0 +1,104 @@
+"""U-Net forward: jitted Flax U-Net vs the diffusers PyTorch U-Net (eager; torch.compile as an extra column).
+
+Config "bench-sd" (../shared/DESIGN.md): SD-v1 topology scaled in width — model_channels 64,
+channel_mult [1,2,4,4], 2 res blocks, attention at levels 0-2 + middle, 8 heads, context 768,
+in_channels 12 — at 32×32 latents, batch 2, float32, identical random weights on both sides, the
+same number of threads, warm-up excluded. Prints medians, then one JSON line:
+{"benchmark": "unet_forward", "unit": "s", "ours": ..., "anchor": ..., "anchor_name": ..., "speedup": ...}
+
+    python benchmarks/unet_forward.py [--quick] [--repeats 20] [--threads N] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5 repeats, 16×16 latents (under a minute)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores for both sides")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    args = parser.parse_args()
+    if args.threads != os.cpu_count():
+        # XLA's CPU client uses every core of the process's CPU set; restrict both sides together.
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sketchcomp_jax.models.config import ModelConfig
+    from sketchcomp_jax.models.unet import UNet
+    from sketchcomp_jax.weights.convert import unet_params_from_diffusers
+    from sketchcomp_jax.weights.diffusers_config import unet_config_from_diffusers
+
+    torch.set_num_threads(args.threads)
+    repeats = 5 if args.quick else args.repeats
+    size = 16 if args.quick else 32
+    torch.manual_seed(0)
+    unet_t = UNet2DConditionModel(
+        sample_size=size, in_channels=12, out_channels=4, block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()
+    cfg = unet_config_from_diffusers(unet_t.config)
+    params = unet_params_from_diffusers({k: v.numpy() for k, v in unet_t.state_dict().items()}, ModelConfig(unet=cfg))
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, size, size, generator=gen)
+    t = torch.tensor([10, 900])
+    ctx = torch.randn(2, 1, 768, generator=gen)
+    x_j = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    t_j, ctx_j = jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
+    params = jax.device_put(params)
+
+    forward = jax.jit(UNet(cfg).apply)
+    out = forward({"params": params}, x_j, t_j, ctx_j).block_until_ready()
+    with torch.no_grad():
+        ref = unet_t(x, t, encoder_hidden_states=ctx).sample.numpy().transpose(0, 2, 3, 1)
+    err = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
+
+    ours = median_time(lambda: forward({"params": params}, x_j, t_j, ctx_j).block_until_ready(), repeats)
+    with torch.no_grad():
+        anchor = median_time(lambda: unet_t(x, t, encoder_hidden_states=ctx), repeats)
+        compiled = None
+        if args.compile:
+            try:
+                unet_c = torch.compile(unet_t)
+                compiled = median_time(lambda: unet_c(x, t, encoder_hidden_states=ctx), repeats, warmup=3)
+            except Exception as e:  # torch.compile needs a working C++ toolchain; report, don't fail
+                print(f"torch.compile unavailable: {type(e).__name__}: {e}".splitlines()[0])
+    print(f"bench-sd U-Net forward, batch 2, {size}x{size} latents, fp32, {args.threads} threads, {repeats} repeats")
+    print(f"  flax (jit)          median {ours * 1e3:8.1f} ms   (max rel err vs torch {err:.2e})")
+    print(f"  torch eager         median {anchor * 1e3:8.1f} ms")
+    if compiled is not None:
+        print(f"  torch.compile       median {compiled * 1e3:8.1f} ms   (speedup vs it {compiled / ours:.2f}x)")
+    print(json.dumps({
+        "benchmark": "unet_forward", "unit": "s", "ours": round(ours, 6), "anchor": round(anchor, 6),
+        "anchor_name": "diffusers UNet2DConditionModel, torch eager fp32", "speedup": round(anchor / ours, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

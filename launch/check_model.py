@@ -1,0 +1,40 @@
+"""Check a model directory against the original's golden outputs (../shared/fixtures).
+
+    python launch/check_model.py --model runs/demo_model --fixtures ../shared/fixtures
+
+Prints, per component (U-Net, VAE encode/decode, reference conditioner), the max abs error and
+the error relative to the output scale; exits non-zero if any exceeds --rel_tol (default 1e-4).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Model directory made by launch/convert.py.", required=True)
+flags.DEFINE_string("fixtures", "../shared/fixtures", "Folder with unet_io.npz, vae_io.npz, cond_io.npz.")
+flags.DEFINE_float("rel_tol", 1e-4, "Allowed max |ours − golden| / max |golden|.")
+
+
+def main(argv):
+    del argv
+    from sketchcomp_jax.weights.golden import compare_with_goldens
+    from sketchcomp_jax.weights.model_dir import load_model
+
+    model = load_model(FLAGS.model)
+    results = compare_with_goldens(model, FLAGS.fixtures)
+    worst = 0.0
+    for name, (abs_err, rel_err) in results.items():
+        worst = max(worst, rel_err)
+        print(f"{name:28s} max abs err {abs_err:.3e}   relative {rel_err:.3e}")
+    ok = worst <= FLAGS.rel_tol
+    print(("PASS" if ok else "FAIL") + f": worst relative error {worst:.2e} (tolerance {FLAGS.rel_tol:g})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,54 @@
+"""Convert original weights into a sketchcomp-jax model directory.
+
+    python launch/convert.py --src model.ckpt --out models/pbe
+    python launch/convert.py --src model.ckpt --in_channels 12 --out models/pbs_init   # PbE → PbS init
+    python launch/convert.py --src pbs.ckpt --ldm_config v1_aesthetic_sketch_image.yaml --out models/pbs
+
+See docs/convert.md for every flag.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("src", None, "LDM .ckpt, LDM-layout .safetensors, or a diffusers Paint-by-Example folder.", required=True)
+flags.DEFINE_string("out", None, "Output model directory (config.json + Orbax params).", required=True)
+flags.DEFINE_string("ldm_config", None, "The original's YAML config (e.g. v1_aesthetic_sketch_image.yaml): heads etc.")
+flags.DEFINE_string("clip_config", None, "transformers CLIPVisionConfig JSON for a non-ViT-L/14 image encoder.")
+flags.DEFINE_integer("resolution", 512, "Image size the model is used at (latent size = resolution / VAE factor).")
+flags.DEFINE_integer("in_channels", None, "U-Net input channels; more than the checkpoint's appends zero channels (9→12: PbE→PbS).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out directory.")
+
+
+def main(argv):
+    del argv
+    from sketchcomp_jax.models.unet import count_params
+    from sketchcomp_jax.weights.errors import CheckpointError
+    from sketchcomp_jax.weights.model_dir import save_model_dir
+    from sketchcomp_jax.weights.sources import convert_checkpoint
+
+    try:
+        model, source = convert_checkpoint(
+            FLAGS.src, FLAGS.ldm_config, FLAGS.clip_config, FLAGS.resolution, FLAGS.in_channels
+        )
+        out = save_model_dir(FLAGS.out, model.config, model.params, source, overwrite=FLAGS.overwrite)
+    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        return 2
+    cfg = model.config
+    counts = {name: count_params(p) for name, p in model.params.items()}
+    print(
+        f"wrote {out}: U-Net {cfg.unet.in_channels}→{cfg.unet.out_channels} channels "
+        f"({counts['unet']:,} params), VAE ({counts['vae']:,}), conditioner ({counts['conditioner']:,}); "
+        f"resolution {cfg.resolution}, latent {cfg.latent_size}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's test command: set up .venv if needed, then run the default (fast) test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_venv.sh
+. .venv/bin/activate
+exec python -m pytest -q "$@"

@@ -1,0 +1,82 @@
+"""One call from any supported weights source to `(ModelConfig, params)`.
+
+Sources: an LDM `.ckpt` (Lightning dict or bare state dict), a `.safetensors` file in the LDM layout,
+or a diffusers Paint-by-Example folder (`unet/`, `vae/`, `image_encoder/`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+
+from sketchcomp_jax.models.clip_vision import CLIPVisionConfig
+from sketchcomp_jax.weights.convert import (
+    CHANNEL_NAMES,
+    CONV_IN_KEY,
+    CheckpointMismatchError,
+    diffusers_to_ldm,
+    ldm_to_params,
+    normalize_clip_prefix,
+)
+from sketchcomp_jax.weights.diffusers_config import model_config_from_diffusers
+from sketchcomp_jax.weights.infer import infer_model_config, load_ldm_yaml
+from sketchcomp_jax.weights.model_dir import LoadedModel
+from sketchcomp_jax.weights.readers import detect_format, read_diffusers_folder, read_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    ldm_config: str | os.PathLike | None = None,
+    clip_config: str | os.PathLike | None = None,
+    resolution: int = 512,
+    in_channels: int | None = None,
+) -> tuple[LoadedModel, dict]:
+    """Reads `src` and returns the model plus a `source` record (for the model directory's source.json).
+
+    Architecture comes from tensor shapes, then `ldm_config` (the original YAML) for what shapes
+    cannot tell (heads), then `clip_config` (a transformers CLIPVisionConfig JSON), then the SD v1 /
+    ViT-L/14 defaults. `in_channels` > the checkpoint's U-Net input channels appends zero channels.
+    If the YAML declares more U-Net input channels than the checkpoint holds, `in_channels` must say
+    so explicitly (the error says how).
+    """
+    src = pathlib.Path(src)
+    fmt = detect_format(src)
+    yaml_params = load_ldm_yaml(ldm_config) if ldm_config else None
+    clip = CLIPVisionConfig.from_json(clip_config) if clip_config else None
+    if fmt == "diffusers":
+        components = read_diffusers_folder(src)
+        config = model_config_from_diffusers(components, resolution=resolution)
+        if clip is not None:
+            config = config.replace(clip=clip)
+        sd = diffusers_to_ldm({k: v["state_dict"] for k, v in components.items() if k != "model_index"}, config)
+    else:
+        sd = normalize_clip_prefix(read_state_dict(src), "cond_stage_model.transformer.")
+        config = infer_model_config(sd, yaml_params, clip, resolution)
+    have = _ckpt_in_channels(sd)
+    declared = yaml_params["unet_config"]["params"].get("in_channels") if yaml_params else None
+    if in_channels is None and declared is not None and have is not None and declared != have:
+        raise CheckpointMismatchError(
+            f"--ldm_config declares a {declared}-channel U-Net but the checkpoint is a "
+            f"{CHANNEL_NAMES.get(have, f'{have}-channel')} U-Net; pass --in_channels {declared} to add "
+            f"zero-initialised channels (as the paper initialises), or use a {have}-channel config"
+        )
+    target = in_channels or have or config.unet.in_channels
+    if target != config.unet.in_channels:
+        config = config.replace(unet=dataclasses.replace(config.unet, in_channels=int(target)))
+    params = ldm_to_params(sd, config)
+    source = {
+        "src": str(src.absolute()),
+        "format": fmt,
+        "ldm_config": str(ldm_config) if ldm_config else None,
+        "clip_config": str(clip_config) if clip_config else None,
+        "checkpoint_in_channels": have,
+        "in_channels": config.unet.in_channels,
+    }
+    return LoadedModel(config, params), source
+
+
+def _ckpt_in_channels(sd) -> int | None:
+    return int(sd[CONV_IN_KEY].shape[1]) if CONV_IN_KEY in sd else None
