@@ -13,7 +13,6 @@ from sketchcomp_jax.models.config import build_networks
 from sketchcomp_jax.models.layers import timestep_embedding
 from sketchcomp_jax.models.unet import count_params
 from sketchcomp_jax.models.vae import AutoencoderKL, DiagonalGaussian, decode_latent, encode_to_latent
-from sketchcomp_jax.weights.model_dir import load_model, save_model_dir
 from sketchcomp_jax.weights.sources import convert_checkpoint
 
 REL_TOL = 1e-4
@@ -30,19 +29,6 @@ def assert_close(ours, golden, rel=REL_TOL):
     scale = np.abs(golden).max()
     assert err <= rel * scale, f"max abs err {err:.3g} > {rel} × {scale:.3g}"
     return err
-
-
-@pytest.fixture(scope="session")
-def tiny_model(fixtures_dir, tmp_path_factory):
-    """pbs_tiny.ckpt converted as the acceptance command does, saved and re-loaded from a model dir."""
-    model, source = convert_checkpoint(
-        fixtures_dir / "pbs_tiny.ckpt",
-        ldm_config=fixtures_dir / "pbs_tiny.yaml",
-        clip_config=fixtures_dir / "pbs_tiny_clip_config.json",
-        resolution=64,
-    )
-    out = save_model_dir(tmp_path_factory.mktemp("models") / "pbs_tiny", model.config, model.params, source)
-    return load_model(out)
 
 
 def test_config_matches_fixture_hyperparameters(tiny_model, fixtures_dir):

@@ -55,7 +55,8 @@ class UNetConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        # A set of factors in the original; kept sorted so equal configs compare equal.
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions))))
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ValueError("UNetConfig: set either num_heads or num_head_channels")
 

@@ -36,7 +36,7 @@ class VAEConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+        object.__setattr__(self, "attn_resolutions", tuple(sorted(set(self.attn_resolutions))))
 
     @property
     def downsample_factor(self) -> int:
