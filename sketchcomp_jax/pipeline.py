@@ -95,7 +95,10 @@ class SketchCompositionPipeline:
         mask_img = imageio.load_image(mask, "mask")
         keep = imageio.keep_mask_from_image(mask_img, size)
         if keep.min() == 1.0:
-            log.warning("the mask has no white (fill) pixels: nothing will be generated")
+            raise ValueError(
+                "mask has no region to fill at the model size (white = fill): draw the region in white, "
+                "or check that the mask is not inverted"
+            )
         sketch_arr = None
         if cfg.uses_sketch:
             if sketch is None:

@@ -120,5 +120,9 @@ def test_bad_inputs_are_explained(pipe, e2e, tmp_path):
         golden_call(pipe, e2e, noise=np.zeros((1, 16, 16, 4), np.float32))
     with pytest.raises(ValueError, match="reference_box"):
         golden_call(pipe, e2e, reference_box=(0, 0, 100, 10))
+    empty = tmp_path / "empty_mask.png"
+    Image.new("L", (64, 64), 0).save(empty)
+    with pytest.raises(ValueError, match="mask has no region to fill"):
+        pipe(e2e / "image.png", empty, None, e2e / "reference.png")
     with pytest.raises(FileNotFoundError, match="nope.png"):
         pipe(e2e / "image.png", tmp_path / "nope.png", None, e2e / "reference.png")

@@ -376,7 +376,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def _resolve(self, module: str, name: str):
         key = (module, name)
-        if module in ("torch._utils", "torch._tensor", "torch.tensor", "torch.nn.parameter", "torch"):
+        if module in ("torch._utils", "torch._tensor", "torch.tensor", "torch.nn.parameter", "torch", "torch.storage"):
             found = self._resolve_torch(module, name)
             if found is not None:
                 return found
@@ -425,6 +425,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 return _Token("dtype", name, _TORCH_DTYPES[name])
             if name == "Size":
                 return _torch_size
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _Token("storage", name, _STORAGE_DTYPES[name])
         return None
 
     def _inert_class(self, qualname: str) -> type:
@@ -703,13 +705,13 @@ def _read_torch_zip(path: pathlib.Path) -> dict[str, np.ndarray]:
         raise CorruptCheckpointError(f"{path}: not a readable zip archive ({e}); {_REDOWNLOAD_HINT}") from None
     with archive:
         names = archive.namelist()
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            raise UnknownFormatError(
+                f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint; save the model's "
+                "state_dict() with safetensors (or torch.save) instead"
+            )
         pkls = [n for n in names if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
         if len(pkls) != 1:
-            if any(n.endswith("constants.pkl") for n in names):
-                raise UnknownFormatError(
-                    f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint; save the model's "
-                    "state_dict() with safetensors (or torch.save) instead"
-                )
             raise UnknownFormatError(
                 f"{path}: a zip archive with {len(pkls)} data.pkl records, not a PyTorch checkpoint "
                 f"(first entries: {names[:5]})"
@@ -921,6 +923,17 @@ def _sniff(path: pathlib.Path) -> str:
     )
 
 
+def _refuse_if_unsafe_pickle(path: pathlib.Path) -> None:
+    """Raises `UnsafeCheckpointError` if `path` parses as a pickle that references a disallowed global."""
+    with open(path, "rb") as f:
+        try:
+            _RestrictedUnpickler(f, path).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception:  # noqa: BLE001 - not a (dangerous) pickle: the caller's error stands
+            pass
+
+
 def _looks_like_diffusers(path: pathlib.Path) -> bool:
     return (path / "model_index.json").is_file() or any((path / c).is_dir() for c in DIFFUSERS_COMPONENTS)
 
@@ -974,7 +987,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             else "pass the weights file inside it"
         )
         raise CheckpointIsADirectoryError(f"{path}: a directory, not a weights file; {hint}")
-    kind = _sniff(path)
+    try:
+        kind = _sniff(path)
+    except UnknownFormatError:
+        _refuse_if_unsafe_pickle(path)  # e.g. a protocol-0 pickle: say "unsafe" rather than "unknown"
+        raise
     if kind == "safetensors":
         return _read_safetensors(path)
     if kind == "zip":

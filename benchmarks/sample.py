@@ -1,0 +1,104 @@
+"""Sampling: 50-step PLMS with classifier-free guidance, whole loop in one jitted JAX program vs a PyTorch
+loop (diffusers U-Net + PNDMScheduler(skip_prk_steps=True), eager), same weights, same threads.
+
+Config "bench-sd" (../shared/DESIGN.md): 12-channel SD-v1 topology at width 64, 32×32 latents, batch 2
+(4 U-Net rows per call with CFG), float32. Warm-up (including compilation) excluded; medians over
+repeats. Last line: {"benchmark": "sample_plms", "unit": "s", "ours", "anchor", "anchor_name", "speedup"}.
+
+    python benchmarks/sample.py [--quick] [--steps 50] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.unet_forward import median_time  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10 steps, 16×16 latents, 2 repeats")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+
+    from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
+    from sketchcomp_jax.models.config import ModelConfig
+    from sketchcomp_jax.models.unet import UNet
+    from sketchcomp_jax.weights.convert import unet_params_from_diffusers
+    from sketchcomp_jax.weights.diffusers_config import unet_config_from_diffusers
+
+    steps = 10 if args.quick else args.steps
+    size = 16 if args.quick else 32
+    repeats = 2 if args.quick else args.repeats
+    batch, scale = 2, 5.0
+    torch.manual_seed(0)
+    unet_t = UNet2DConditionModel(
+        sample_size=size, in_channels=12, out_channels=4, block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()
+    cfg = unet_config_from_diffusers(unet_t.config)
+    params = jax.device_put(
+        unet_params_from_diffusers({k: v.numpy() for k, v in unet_t.state_dict().items()}, ModelConfig(unet=cfg))
+    )
+
+    rng = np.random.default_rng(0)
+    x_T = rng.standard_normal((batch, size, size, 4)).astype(np.float32)
+    z_masked = rng.standard_normal((batch, size, size, 4)).astype(np.float32)
+    keep = (rng.random((batch, size, size, 1)) > 0.3).astype(np.float32)
+    sketch = np.where(rng.random((batch, size, size, 3)) > 0.9, 1.0, -1.0).astype(np.float32)
+    context = rng.standard_normal((batch, 1, 768)).astype(np.float32)
+    uncond = rng.standard_normal((1, 1, 768)).astype(np.float32)
+
+    unet = UNet(cfg)
+    run = make_sampler(lambda p, x, t, c: unet.apply({"params": p}, x, t, c), sampler="plms", num_steps=steps)
+    cond = SamplingCond(jnp.asarray(z_masked), jnp.asarray(keep), jnp.asarray(sketch), jnp.asarray(context),
+                        jnp.asarray(uncond))
+    jax_once = lambda: run(params, jnp.asarray(x_T), cond, jnp.float32(scale)).block_until_ready()  # noqa: E731
+
+    nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    rest = torch.cat([nchw(z_masked), nchw(keep), nchw(sketch)], dim=1)
+    ctx_in = torch.cat([torch.from_numpy(uncond).expand(batch, 1, 768), torch.from_numpy(context)])
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+
+    def torch_once():
+        scheduler.set_timesteps(steps)
+        x = nchw(x_T)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x_in = torch.cat([x, rest], dim=1)
+                out = unet_t(torch.cat([x_in, x_in]), t, encoder_hidden_states=ctx_in).sample
+                e_u, e_c = out.chunk(2)
+                x = scheduler.step(e_u + scale * (e_c - e_u), t, x).prev_sample
+        return x
+
+    ours_x = np.asarray(jax_once())
+    ref_x = torch_once().numpy().transpose(0, 2, 3, 1)
+    rel = float(np.abs(ours_x - ref_x).max() / np.abs(ref_x).max())
+    ours = median_time(jax_once, repeats, warmup=1)
+    anchor = median_time(torch_once, repeats, warmup=1)
+    print(f"PLMS {steps} steps + CFG, bench-sd U-Net, batch {batch}, {size}x{size} latents, fp32, {repeats} repeats")
+    print(f"  jax (one jitted loop)            median {ours:7.3f} s")
+    print(f"  torch eager + PNDMScheduler      median {anchor:7.3f} s")
+    print(f"  final latents agree to {rel:.2e} (relative)")
+    print(json.dumps({
+        "benchmark": "sample_plms", "unit": "s", "ours": round(ours, 4), "anchor": round(anchor, 4),
+        "anchor_name": "diffusers UNet2DConditionModel + PNDMScheduler loop, torch eager fp32",
+        "speedup": round(anchor / ours, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
