@@ -158,6 +158,16 @@ def test_torch_save_dtypes_and_views(tmp_path, zip_format):
     assert ours["transposed"][0, 0] != 123.0
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_newer_pickle_protocols(tmp_path, protocol):
+    tensors = {"a": torch.randn(3, 2), "b": torch.arange(4)}
+    torch.save({"state_dict": tensors, "hyper_parameters": argparse.Namespace(x=1)}, tmp_path / "p.ckpt",
+               pickle_protocol=protocol)
+    ours = read_state_dict(tmp_path / "p.ckpt")
+    for key, value in tensors.items():
+        _assert_same(ours[key], value, key)
+
+
 def test_new_dtypes_use_rebuild_tensor_v3(tmp_path):
     tensors = {"u16": torch.tensor([0, 1, 65535], dtype=torch.int32).to(torch.uint16), "f8": torch.linspace(-2, 2, 6).to(torch.float8_e4m3fn)}
     torch.save(tensors, tmp_path / "new.pt")
@@ -500,7 +510,8 @@ def test_safetensors_bf16_and_friends(tmp_path):
     import safetensors.torch
 
     tensors = {"bf16": torch.randn(3, 4).bfloat16(), "f16": torch.randn(5).half(), "i64": torch.arange(3),
-               "bool": torch.tensor([True, False]), "f8": torch.ones(3).to(torch.float8_e5m2), "scalar": torch.tensor(2.0)}
+               "bool": torch.tensor([True, False]), "f8": torch.ones(3).to(torch.float8_e5m2), "scalar": torch.tensor(2.0),
+               "empty": torch.zeros(0, 3)}
     safetensors.torch.save_file(tensors, tmp_path / "w.safetensors", metadata={"format": "pt"})
     ours = read_state_dict(tmp_path / "w.safetensors")
     assert ours["bf16"].dtype == np.dtype(ml_dtypes.bfloat16) and ours["f8"].dtype == np.dtype(ml_dtypes.float8_e5m2)

@@ -368,8 +368,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
         obj = self._resolve(module, name)
         if obj is None:
             raise UnsafeCheckpointError(
-                f"refusing to load {self.path}: its pickle references the global '{module}.{name}', which is "
-                f"not on the allow-list of tensor and container types and could run code. Nothing was executed "
+                f"refusing to load {self.path}: its pickle references the global '{module}.{name}', which could "
+                f"run code and is not on the allow-list of tensor and container types. Nothing was executed "
                 f"(the name was not imported or called). {_RESAVE_HINT}"
             )
         return obj
@@ -755,13 +755,38 @@ def _storage_dtype(storage_type, path: pathlib.Path) -> np.dtype:
     raise CorruptCheckpointError(f"{path}: storage reference with unknown storage type {storage_type!r:.80}")
 
 
+class _BoundedReader:
+    """File wrapper whose `read(n)` never asks for more than the bytes left, so that a bogus length in a
+    damaged pickle cannot make the reader allocate a huge buffer."""
+
+    def __init__(self, file, size: int):
+        self._file, self._size = file, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(self._size - self._file.tell(), 0)
+        return self._file.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self._file.readline()
+
+    def readinto(self, buf) -> int:
+        return self._file.readinto(buf)
+
+    def seek(self, pos: int) -> int:
+        return self._file.seek(pos)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
 def _read_torch_legacy(path: pathlib.Path) -> dict[str, np.ndarray]:
     size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open(path, "rb") as raw_file:
+        f = _BoundedReader(raw_file, size)
         magic = _unpickle(_RestrictedUnpickler(f, path), path)
         if magic != _LEGACY_MAGIC:
             raise UnknownFormatError(
@@ -926,8 +951,9 @@ def _sniff(path: pathlib.Path) -> str:
 def _refuse_if_unsafe_pickle(path: pathlib.Path) -> None:
     """Raises `UnsafeCheckpointError` if `path` parses as a pickle that references a disallowed global."""
     with open(path, "rb") as f:
+        head = io.BytesIO(f.read(1 << 20))
         try:
-            _RestrictedUnpickler(f, path).load()
+            _RestrictedUnpickler(head, path).load()
         except UnsafeCheckpointError:
             raise
         except Exception:  # noqa: BLE001 - not a (dangerous) pickle: the caller's error stands
