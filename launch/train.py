@@ -1,0 +1,42 @@
+"""Train Paint-by-Sketch (see docs/train.md).
+
+    python launch/train.py --config=configs/demo.py --workdir runs/demo
+    python launch/train.py --config=configs/danbooru.py --workdir runs/pbs --config.init_from=models/pbe ...
+
+Re-running with the same --workdir resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, samples/.", required=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.INFO)
+    from sketchcomp_jax.train.loop import TrainingDiverged, train
+
+    try:
+        summary = train(FLAGS.config, FLAGS.workdir)
+    except TrainingDiverged as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"train.py: {summary['stop_reason']} at step {summary['step']}; last metrics {summary['last']}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

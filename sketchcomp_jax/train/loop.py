@@ -1,0 +1,243 @@
+"""The training loop: mesh → model → data → AOT-compiled step → checkpoints, metrics, samples, eval.
+
+Resumes automatically from the latest checkpoint in `workdir`. Randomness depends only on
+(seed, step) and the data iterator is checkpointed with the state, so a resumed run reproduces an
+uninterrupted one step by step. SIGTERM/SIGINT → save and exit cleanly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sketchcomp_jax.diffusion.schedule import make_schedule
+from sketchcomp_jax.models.config import ModelConfig, build_networks
+from sketchcomp_jax.parallel.mesh import initialize_distributed, make_mesh
+from sketchcomp_jax.train.checkpointing import Checkpointer, PreemptionFlag, config_to_json
+from sketchcomp_jax.train.init import initial_model
+from sketchcomp_jax.train.loss import diffusion_loss
+from sketchcomp_jax.train.state import TrainState, create_train_state, learning_rate_schedule, make_optimizer, merge_params
+from sketchcomp_jax.train.step import compile_step, make_step_fn
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _ensure_data(cfg) -> str:
+    from sketchcomp_jax.data.synthetic import write_synthetic_dataset
+
+    data_dir = cfg.data.dir
+    if not data_dir:
+        raise ValueError("config.data.dir is empty: pass --config.data.dir=DATASET (made by launch/prepare_data.py)")
+    if cfg.data.synthetic_images and jax.process_index() == 0:
+        write_synthetic_dataset(data_dir, int(cfg.data.synthetic_images), seed=int(cfg.seed))
+    if not pathlib.Path(data_dir).exists():
+        raise FileNotFoundError(f"dataset not found: {data_dir} (make it with launch/prepare_data.py)")
+    return data_dir
+
+
+def _loader(cfg, model_config: ModelConfig, split: str, eval_mode: bool, epochs=None):
+    from sketchcomp_jax.data.pipeline import make_train_loader
+
+    return make_train_loader(
+        cfg.data.dir, split=split, resolution=model_config.resolution, reference_size=model_config.clip.image_size,
+        global_batch_size=int(cfg.batch_size), seed=int(cfg.seed), worker_count=int(cfg.data.worker_count),
+        num_epochs=epochs, eval_mode=eval_mode, arbitrary_mask_percent=float(cfg.data.arbitrary_mask_percent),
+    )
+
+
+def _batch_shapes(model_config: ModelConfig, batch_size: int) -> dict[str, tuple[int, ...]]:
+    r, s = model_config.resolution, model_config.clip.image_size
+    return {"gt": (batch_size, r, r, 3), "keep_mask": (batch_size, r, r, 1), "sketch": (batch_size, r, r, 3),
+            "reference": (batch_size, s, s, 3)}
+
+
+def train(cfg, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) training; returns a summary dict (last step, last loss, stop reason)."""
+    initialize_distributed(cfg.distributed.coordinator or None, cfg.distributed.num_processes or None,
+                           None if cfg.distributed.process_id < 0 else cfg.distributed.process_id)
+    workdir_path = pathlib.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(dict(cfg.mesh.ici), dict(cfg.mesh.dcn) or None)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % data_parallel:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {data_parallel} data-parallel devices")
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
+
+    model_config, params, source = initial_model(cfg)
+    _ensure_data(cfg)
+    log.info("model: %s, U-Net %d input channels, %d² images", source, model_config.unet.in_channels,
+             model_config.resolution)
+    nets = build_networks(model_config, dtype=_dtype(cfg.compute_dtype), remat=bool(cfg.remat))
+    tx = make_optimizer(cfg)
+    acp = jnp.asarray(make_schedule(model_config.schedule.beta_schedule, model_config.schedule.timesteps,
+                                    model_config.schedule.linear_start,
+                                    model_config.schedule.linear_end)["alphas_cumprod"])
+    gather = NamedSharding(mesh, P()) if cfg.mesh.strategy == "fsdp" else None
+    step_fn = make_step_fn(nets, model_config, tx, acp, int(cfg.seed), float(cfg.uncond_prob),
+                           bool(cfg.per_sample_uncond), float(cfg.ema_decay or 0.9999), gather)
+    state = create_train_state(params, tx, bool(cfg.train_uncond_vector), use_ema=bool(cfg.ema_decay))
+    del params
+    shapes = _batch_shapes(model_config, int(cfg.batch_size))
+    t0 = time.time()
+    compiled = compile_step(step_fn, jax.eval_shape(lambda: state), mesh, shapes, cfg.mesh.strategy,
+                            int(cfg.mesh.fsdp_min_size))
+    log.info("AOT compile: %.1f s", time.time() - t0)
+
+    loader = _loader(cfg, model_config, "train", eval_mode=False)
+    data_iter = iter(loader)
+    ckpt = Checkpointer(workdir_path, int(cfg.max_to_keep))
+    start = ckpt.latest_step()
+    abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                      jax.eval_shape(lambda: state), compiled.state_shardings)
+    if start is not None:
+        log.info("resuming from step %d in %s", start, ckpt.directory)
+        state = ckpt.restore(start, abstract, data_iter)
+    else:
+        start = 0
+        state = jax.device_put(state, compiled.state_shardings)
+        (workdir_path / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
+    config_json = config_to_json(cfg)
+    metrics_path = workdir_path / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+    lr_of = learning_rate_schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.get("warmup_f_start", 1e-6))
+    flag = PreemptionFlag()
+    eval_batch = None
+    stop_reason = "finished"
+    last = {}
+    from sketchcomp_jax.data.pipeline import to_global_batch
+
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(cfg.total_steps), initial=start, desc="train", disable=jax.process_index() != 0)
+        step = start
+        window: list[dict] = []
+        while step < cfg.total_steps:
+            batch = to_global_batch(next(data_iter), compiled.batch_sharding)
+            state, metrics = compiled.fn(state, batch)
+            step += 1
+            window.append(metrics)
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                fetched = jax.device_get(window)
+                window = []
+                for offset, m in enumerate(fetched):
+                    s = step - len(fetched) + offset + 1
+                    row = {"step": s, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                           "lr": float(lr_of(jnp.asarray(s - 1))), "uncond_fraction": float(m["uncond_fraction"])}
+                    if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+                        raise TrainingDiverged(
+                            f"loss became {row['loss']} at step {s}; stopping without saving. The last good "
+                            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower the learning "
+                            "rate or enable gradient clipping (--config.optim.grad_clip_norm=1.0)"
+                        )
+                    last = row
+                    if jax.process_index() == 0:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            bar.update(1)
+            preempted = flag.requested or ckpt.reached_preemption(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted:
+                ckpt.save(step, state, data_iter, config_json, force=True)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                loss = _eval_loss(cfg, model_config, nets, state, acp, mesh, compiled.batch_sharding)
+                _append_eval(metrics_path, step, loss)
+            if cfg.sample_every and step % cfg.sample_every == 0 and jax.process_index() == 0:
+                if eval_batch is None:
+                    eval_batch = next(iter(_loader(cfg, model_config, "test", eval_mode=True, epochs=1)))
+                _write_sample_grid(workdir_path / "samples" / f"step_{step:07d}.png", cfg, model_config, nets, state,
+                                   eval_batch)
+            if preempted:
+                stop_reason = "preempted"
+                break
+        bar.close()
+    finally:
+        ckpt.close()
+        flag.restore_handlers()
+    return {"step": int(jax.device_get(state.step)), "last": last, "stop_reason": stop_reason,
+            "flops_per_step": compiled.flops, "memory": compiled.memory}
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Drops metric rows after the restored step (they belong to steps that will be re-run)."""
+    if not path.exists() or jax.process_index() != 0:
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+    path.write_text("".join(r + "\n" for r in kept))
+
+
+def _append_eval(path: pathlib.Path, step: int, loss: float) -> None:
+    if jax.process_index() == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "eval_loss": loss}) + "\n")
+
+
+def _eval_loss(cfg, model_config, nets, state: TrainState, acp, mesh, batch_sharding) -> float:
+    """Mean ε-MSE over `eval_batches` batches of the test split with fixed masks and noise."""
+    from sketchcomp_jax.data.pipeline import to_global_batch
+
+    @jax.jit
+    def loss_of(trainable, frozen, batch, key):
+        return diffusion_loss(merge_params(trainable, frozen), batch, key, nets, model_config, acp, 0.0)[0]
+
+    losses = []
+    loader = _loader(cfg, model_config, "test", eval_mode=True, epochs=1)
+    for i, batch in enumerate(loader):
+        if i >= cfg.eval_batches:
+            break
+        losses.append(float(loss_of(state.trainable, state.frozen, to_global_batch(batch, batch_sharding),
+                                    jax.random.PRNGKey(1000 + i))))
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def _write_sample_grid(path: pathlib.Path, cfg, model_config: ModelConfig, nets, state: TrainState, batch) -> None:
+    """Rows of source | mask | sketch | reference | result for the first images of a test batch."""
+    from PIL import Image
+
+    from sketchcomp_jax.diffusion.inputs import latent_conditioning
+    from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
+    from sketchcomp_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
+    from sketchcomp_jax.models.vae import AutoencoderKL, DiagonalGaussian
+
+    params = jax.device_get(merge_params(state.trainable, state.frozen))
+    n = min(4, batch["gt"].shape[0])
+    gt, keep, sketch, ref = (np.asarray(batch[k][:n]) for k in ("gt", "keep_mask", "sketch", "reference"))
+    moments = nets.vae.apply({"params": params["vae"]}, gt * keep, method=AutoencoderKL.encode)
+    z_masked = model_config.scale_factor * DiagonalGaussian(moments).mean
+    lat = model_config.latent_size
+    mask_lat, sketch_lat = latent_conditioning(keep, sketch if model_config.uses_sketch else None, (lat, lat),
+                                               model_config.sketch_edge_type)
+    context = nets.conditioner.apply({"params": params["conditioner"]}, ref)
+    cond = SamplingCond(z_masked, mask_lat, sketch_lat, context, params["conditioner"]["uncond_vector"])
+    run = make_sampler(lambda p, x, t, c: nets.unet.apply({"params": p}, x, t, c), sampler="plms",
+                       num_steps=int(cfg.sample_steps))
+    x0 = run(params["unet"], jax.random.normal(jax.random.PRNGKey(0), (n, lat, lat, 4)), cond,
+             jnp.float32(cfg.sample_guidance))
+    decoded = nets.vae.apply({"params": params["vae"]}, (1.0 / model_config.scale_factor) * x0,
+                             method=AutoencoderKL.decode)
+    r = model_config.resolution
+    to01 = lambda a: np.clip((np.asarray(a) + 1) / 2, 0, 1)  # noqa: E731
+    ref01 = np.clip(ref * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN), 0, 1)
+    ref01 = np.stack([np.asarray(Image.fromarray((x * 255).astype(np.uint8)).resize((r, r))) / 255.0 for x in ref01])
+    columns = [to01(gt), np.repeat(keep, 3, -1), to01(sketch), ref01, to01(decoded)]
+    grid = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid * 255).astype(np.uint8)).save(path)

@@ -1,0 +1,158 @@
+"""The training loop end to end: falling loss, resume = uninterrupted run, restore on another mesh,
+preemption by SIGTERM, and a real 2-process (CPU collectives) run."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs.demo import get_config
+from sketchcomp_jax.train.loop import train
+
+from tests.conftest import REPO_ROOT
+
+
+def tiny_cfg(data_dir, **overrides):
+    cfg = get_config()
+    cfg.data.dir = str(data_dir)
+    cfg.data.synthetic_images = 24
+    cfg.total_steps = 6
+    cfg.log_every = 1
+    cfg.checkpoint_every = 3
+    cfg.sample_every = 0
+    cfg.eval_every = 0
+    cfg.optim.warmup_steps = 2
+    for key, value in overrides.items():
+        target = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return cfg
+
+
+def metrics(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data") / "synthetic"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run_full")
+    summary = train(tiny_cfg(data_dir), str(workdir))
+    return workdir, summary
+
+
+def test_uninterrupted_run_logs_and_checkpoints(uninterrupted):
+    workdir, summary = uninterrupted
+    rows = metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert summary["stop_reason"] == "finished" and summary["step"] == 6
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+    assert summary["flops_per_step"] and summary["flops_per_step"] > 0
+
+
+def test_resume_reproduces_the_uninterrupted_run(uninterrupted, data_dir, tmp_path):
+    full_dir, _ = uninterrupted
+    cfg = tiny_cfg(data_dir, total_steps=3)
+    train(cfg, str(tmp_path))
+    resumed = train(tiny_cfg(data_dir), str(tmp_path))
+    assert resumed["step"] == 6
+    a, b = metrics(full_dir), metrics(tmp_path)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+
+
+def test_restore_on_a_different_mesh(uninterrupted, data_dir, tmp_path):
+    import shutil
+
+    full_dir, _ = uninterrupted
+    shutil.copytree(full_dir / "checkpoints", tmp_path / "checkpoints")
+    for step in (6,):
+        shutil.rmtree(tmp_path / "checkpoints" / str(step))
+    (tmp_path / "metrics.jsonl").write_text((full_dir / "metrics.jsonl").read_text())
+    cfg = tiny_cfg(data_dir, **{"mesh.ici": {"data": 2, "fsdp": 2, "tensor": 1}, "mesh.strategy": "fsdp",
+                                "mesh.fsdp_min_size": 256})
+    devices = jax.devices()[:4]
+    from sketchcomp_jax.parallel import mesh as mesh_mod
+
+    original = mesh_mod.make_mesh
+    try:
+        import sketchcomp_jax.train.loop as loop_mod
+
+        loop_mod.make_mesh = lambda ici, dcn=None: original(ici, dcn, devices=devices)
+        summary = train(cfg, str(tmp_path))
+    finally:
+        loop_mod.make_mesh = original
+    assert summary["step"] == 6
+    a, b = metrics(full_dir), metrics(tmp_path)
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-4)
+
+
+def _cli(workdir, data_dir, *extra, env_extra=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env.update(env_extra or {})
+    return [sys.executable, str(REPO_ROOT / "launch" / "train.py"), "--config", str(REPO_ROOT / "configs" / "demo.py"),
+            "--workdir", str(workdir), f"--config.data.dir={data_dir}", "--config.data.synthetic_images=24",
+            "--config.batch_size=4", "--config.sample_every=0", "--config.eval_every=0", "--config.log_every=1",
+            *extra], env
+
+
+def test_sigterm_saves_and_the_rerun_resumes(data_dir, tmp_path):
+    cmd, env = _cli(tmp_path, data_dir, "--config.total_steps=100000", "--config.checkpoint_every=100000")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 3:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted" in out
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3
+    cmd, env = _cli(tmp_path, data_dir, f"--config.total_steps={saved[0] + 2}")
+    done = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, saved[0] + 3))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_training(data_dir, tmp_path):
+    # make the data set first so both processes find it complete
+    from sketchcomp_jax.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(str(data_dir), 24, seed=0)
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd, env = _cli(tmp_path, data_dir, "--config.total_steps=4", "--config.checkpoint_every=2",
+                        "--config.batch_size=8", "--config.data.synthetic_images=0",
+                        f"--config.distributed.coordinator=127.0.0.1:{port}",
+                        "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
+                        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                   "SKETCHCOMP_CPU_COLLECTIVES": "gloo"})
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
