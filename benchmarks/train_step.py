@@ -1,0 +1,100 @@
+"""Train step: jitted JAX U-Net step (forward + backward + AdamW, donated state) vs the same step in PyTorch
+(diffusers UNet2DConditionModel + torch.optim.AdamW, eager), bench-sd config (../shared/DESIGN.md),
+batch 2, 32×32 latents, 12 input channels, fp32, identical initial weights and batches, same threads.
+
+Both sides run the ε-MSE of the U-Net on precomputed inputs (the frozen VAE/CLIP encoders are left out
+on both sides so the figure compares the trained part). Last line: {"benchmark": "train_step", "unit": "s",
+"ours", "anchor", "anchor_name", "speedup"}.
+
+    python benchmarks/train_step.py [--quick] [--repeats 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.unet_forward import median_time  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16×16 latents, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sketchcomp_jax.models.config import ModelConfig
+    from sketchcomp_jax.models.unet import UNet
+    from sketchcomp_jax.weights.convert import unet_params_from_diffusers
+    from sketchcomp_jax.weights.diffusers_config import unet_config_from_diffusers
+
+    size = 16 if args.quick else 32
+    repeats = 3 if args.quick else args.repeats
+    torch.manual_seed(0)
+    unet_t = UNet2DConditionModel(
+        sample_size=size, in_channels=12, out_channels=4, block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    cfg = unet_config_from_diffusers(unet_t.config)
+    params = unet_params_from_diffusers({k: v.detach().numpy() for k, v in unet_t.state_dict().items()},
+                                        ModelConfig(unet=cfg))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, size, size, 12)).astype(np.float32)
+    t = np.array([10, 900])
+    ctx = rng.standard_normal((2, 1, 768)).astype(np.float32)
+    noise = rng.standard_normal((2, size, size, 4)).astype(np.float32)
+
+    unet = UNet(cfg)
+    tx = optax.adamw(1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+
+    def step(state, x, t, ctx, noise):
+        p, opt = state
+
+        def loss_fn(p):
+            return jnp.mean(jnp.square(unet.apply({"params": p}, x, t, ctx) - noise))
+
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt = tx.update(grads, opt, p)
+        return (optax.apply_updates(p, updates), opt), loss
+
+    jstep = jax.jit(step, donate_argnums=(0,))
+    state = [(jax.device_put(params), tx.init(params))]
+    args_j = [jnp.asarray(a) for a in (x, t, ctx, noise)]
+
+    def ours_once():
+        state[0], loss = jstep(state[0], *args_j)
+        loss.block_until_ready()
+
+    opt_t = torch.optim.AdamW(unet_t.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    xt, tt, ct, nt = nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), nchw(noise)
+
+    def torch_once():
+        opt_t.zero_grad(set_to_none=True)
+        loss = torch.mean((unet_t(xt, tt, encoder_hidden_states=ct).sample - nt) ** 2)
+        loss.backward()
+        opt_t.step()
+
+    ours = median_time(ours_once, repeats)
+    anchor = median_time(torch_once, repeats)
+    print(f"bench-sd U-Net train step (fwd+bwd+AdamW), batch 2, {size}x{size} latents, fp32, {repeats} repeats")
+    print(f"  jax (jit, donated)     median {ours * 1e3:8.1f} ms")
+    print(f"  torch eager + AdamW    median {anchor * 1e3:8.1f} ms")
+    print(json.dumps({"benchmark": "train_step", "unit": "s", "ours": round(ours, 5), "anchor": round(anchor, 5),
+                      "anchor_name": "diffusers UNet2DConditionModel + torch.optim.AdamW, eager fp32",
+                      "speedup": round(anchor / ours, 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Export a model to PyTorch formats: the original's LDM .ckpt, a diffusers folder, or safetensors.
+
+    python launch/export.py --model models/pbs --format ldm --out export/pbs.ckpt          # + pbs.yaml
+    python launch/export.py --model models/pbs --format diffusers --out export/pbs_diffusers
+    python launch/export.py --model models/pbs --format safetensors --dtype float16 --out export/pbs.safetensors
+
+See docs/export.md for every flag and how to load each export.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Model directory (launch/convert.py output). Exclusive with --workdir.")
+flags.DEFINE_string("workdir", None, "Training work directory (reads WORKDIR/checkpoints). Exclusive with --model.")
+flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default: the latest).")
+flags.DEFINE_string("format", None, "ldm | diffusers | safetensors.", required=True)
+flags.DEFINE_string("out", None, "Output: a .ckpt / .safetensors file, or a folder for --format diffusers.", required=True)
+flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "Dtype of the floating tensors.")
+flags.DEFINE_bool("include_ema", False, "Also export the EMA weights (error if the model has none).")
+flags.DEFINE_bool("overwrite", False, "Replace existing output files / folder.")
+
+
+def main(argv):
+    del argv
+    from sketchcomp_jax.weights.errors import CheckpointError
+    from sketchcomp_jax.weights.export import export
+
+    try:
+        written = export(
+            FLAGS.out, FLAGS.format, model_dir=FLAGS.model, workdir=FLAGS.workdir, step=FLAGS.step,
+            dtype=FLAGS.dtype, include_ema=FLAGS.include_ema, overwrite=FLAGS.overwrite,
+        )
+    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, NotImplementedError, ValueError) as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {FLAGS.format} export ({FLAGS.dtype}): " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
