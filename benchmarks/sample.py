@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.unet_forward import median_time  # noqa: E402
+from benchmarks.common import bench_sd_unet, median_time  # noqa: E402
 
 
 def main() -> None:
@@ -29,29 +29,18 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
-    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler
 
     from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
-    from sketchcomp_jax.models.config import ModelConfig
     from sketchcomp_jax.models.unet import UNet
-    from sketchcomp_jax.weights.convert import unet_params_from_diffusers
-    from sketchcomp_jax.weights.diffusers_config import unet_config_from_diffusers
 
     steps = 10 if args.quick else args.steps
     size = 16 if args.quick else 32
     repeats = 2 if args.quick else args.repeats
     batch, scale = 2, 5.0
-    torch.manual_seed(0)
-    unet_t = UNet2DConditionModel(
-        sample_size=size, in_channels=12, out_channels=4, block_out_channels=(64, 128, 256, 256),
-        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).eval()
-    cfg = unet_config_from_diffusers(unet_t.config)
-    params = jax.device_put(
-        unet_params_from_diffusers({k: v.numpy() for k, v in unet_t.state_dict().items()}, ModelConfig(unet=cfg))
-    )
+    unet_t, cfg, params = bench_sd_unet(size)
+    unet_t.eval()
+    params = jax.device_put(params)
 
     rng = np.random.default_rng(0)
     x_T = rng.standard_normal((batch, size, size, 4)).astype(np.float32)

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.unet_forward import median_time  # noqa: E402
+from benchmarks.common import bench_sd_unet, median_time  # noqa: E402
 
 
 def main() -> None:
@@ -30,25 +30,12 @@ def main() -> None:
     import numpy as np
     import optax
     import torch
-    from diffusers import UNet2DConditionModel
 
-    from sketchcomp_jax.models.config import ModelConfig
     from sketchcomp_jax.models.unet import UNet
-    from sketchcomp_jax.weights.convert import unet_params_from_diffusers
-    from sketchcomp_jax.weights.diffusers_config import unet_config_from_diffusers
 
     size = 16 if args.quick else 32
     repeats = 3 if args.quick else args.repeats
-    torch.manual_seed(0)
-    unet_t = UNet2DConditionModel(
-        sample_size=size, in_channels=12, out_channels=4, block_out_channels=(64, 128, 256, 256),
-        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    cfg = unet_config_from_diffusers(unet_t.config)
-    params = unet_params_from_diffusers({k: v.detach().numpy() for k, v in unet_t.state_dict().items()},
-                                        ModelConfig(unet=cfg))
+    unet_t, cfg, params = bench_sd_unet(size)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, size, size, 12)).astype(np.float32)
     t = np.array([10, 900])

@@ -13,22 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.common import bench_sd_unet, median_time  # noqa: E402
 
 
 def main() -> None:
@@ -45,25 +34,14 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
-    from diffusers import UNet2DConditionModel
 
-    from sketchcomp_jax.models.config import ModelConfig
     from sketchcomp_jax.models.unet import UNet
-    from sketchcomp_jax.weights.convert import unet_params_from_diffusers
-    from sketchcomp_jax.weights.diffusers_config import unet_config_from_diffusers
 
     torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else args.repeats
     size = 16 if args.quick else 32
-    torch.manual_seed(0)
-    unet_t = UNet2DConditionModel(
-        sample_size=size, in_channels=12, out_channels=4, block_out_channels=(64, 128, 256, 256),
-        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).eval()
-    cfg = unet_config_from_diffusers(unet_t.config)
-    params = unet_params_from_diffusers({k: v.numpy() for k, v in unet_t.state_dict().items()}, ModelConfig(unet=cfg))
+    unet_t, cfg, params = bench_sd_unet(size)
+    unet_t.eval()
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 12, size, size, generator=gen)

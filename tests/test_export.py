@@ -404,7 +404,7 @@ def test_source_errors(tmp_path):
     (tmp_path / "checkpoints" / "100").mkdir(parents=True)
     with pytest.raises(ex.ExportError, match=r"--step 5 not found .*available steps: \[100\]"):
         ex.export(tmp_path / "m.ckpt", "ldm", workdir=tmp_path, step=5)
-    with pytest.raises(ex.TrainingCheckpointsUnavailableError, match=r"not implemented"):
+    with pytest.raises(ex.ExportError, match=r"not a launch/train.py work directory"):
         ex.export(tmp_path / "m.ckpt", "ldm", workdir=tmp_path)
     with pytest.raises(ex.ExportError, match=r"exactly one of --model DIR or --workdir DIR"):
         ex.export(tmp_path / "m.ckpt", "ldm")

@@ -7,7 +7,6 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from sketchcomp_jax.models.config import build_networks
 from sketchcomp_jax.models.layers import timestep_embedding

@@ -9,7 +9,7 @@ Paint-by-Example uses the first 9, plain SD the first 4.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

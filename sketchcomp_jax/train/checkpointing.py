@@ -90,3 +90,28 @@ def config_to_json(cfg) -> dict:
 
 def host_state(state: Any) -> Any:
     return jax.device_get(state)
+
+
+def load_training_params(workdir: str | os.PathLike, step: int):
+    """(ModelConfig, full params, EMA of the trainable params or None, step) of a training checkpoint,
+    as host arrays — for export and evaluation without the trainer's mesh."""
+    from sketchcomp_jax.models.config import ModelConfig
+    from sketchcomp_jax.train.state import merge_params
+
+    workdir = pathlib.Path(workdir).absolute()
+    config_path = workdir / "model_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} missing: {workdir} is not a launch/train.py work directory")
+    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+    state_dir = workdir / "checkpoints" / str(step) / "state"
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(state_dir)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                           sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
+            tree, is_leaf=lambda m: hasattr(m, "shape"))
+        state = ckptr.restore(state_dir, target)
+    state = jax.device_get(state)
+    params = merge_params(state["trainable"], state["frozen"])
+    return config, params, state.get("ema"), int(state["step"])

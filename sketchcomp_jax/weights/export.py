@@ -801,11 +801,14 @@ def load_params_from_workdir(workdir: str | os.PathLike, step: int | None = None
         raise TrainingCheckpointsUnavailableError(f"no training checkpoints in {ckpt_dir} (no step directories)")
     if step is not None and step not in steps:
         raise ExportError(f"--step {step} not found in {ckpt_dir}; available steps: {steps}")
-    raise TrainingCheckpointsUnavailableError(
-        f"found training checkpoints in {ckpt_dir} (steps {steps}) but reading training checkpoints is not "
-        "implemented in this version of export; restore the params with the trainer and save a model directory "
-        "(sketchcomp_jax.weights.model_dir.save_model_dir), then use --model DIR"
-    )
+    from sketchcomp_jax.train.checkpointing import load_training_params
+
+    try:
+        config, params, ema, global_step = load_training_params(workdir, step if step is not None else steps[-1])
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
+    ema_weights = EmaWeights(unet=ema["unet"], num_updates=global_step) if ema is not None else None
+    return config, params, ema_weights, global_step
 
 
 def _load_model_dir(model_dir: str | os.PathLike):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+from sketchcomp_jax.diffusion.schedule import SCHEDULE_KEYS
 from sketchcomp_jax.models.config import ModelConfig
 from sketchcomp_jax.models.unet import AttnSpec, DownSpec, ResSpec, UpSpec, unet_layout
 
@@ -300,20 +301,7 @@ def model_entries(config: ModelConfig) -> list[KeyEntry]:
 
 
 # Tensors of an LDM checkpoint that are not learned weights of the networks; skipped when reading.
-DDPM_BUFFERS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+DDPM_BUFFERS = SCHEDULE_KEYS
 
 
 def is_ignored_ldm_key(key: str) -> bool:
