@@ -156,3 +156,18 @@ def test_two_process_training(data_dir, tmp_path):
         assert p.returncode == 0, out[-3000:]
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+def test_trained_run_exports_and_converts_back(uninterrupted, tmp_path):
+    from sketchcomp_jax.train.checkpointing import load_training_params
+    from sketchcomp_jax.weights.export import export
+    from sketchcomp_jax.weights.sources import convert_checkpoint
+
+    workdir, _ = uninterrupted
+    paths = export(tmp_path / "trained.ckpt", "ldm", workdir=str(workdir))
+    config, params, _, step = load_training_params(workdir, 6)
+    assert step == 6
+    back, _ = convert_checkpoint(paths[0], ldm_config=tmp_path / "trained.yaml",
+                                 clip_config=tmp_path / "trained_clip_config.json", resolution=config.resolution)
+    assert back.config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back.params, params)
