@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
                                               fsdp_min_size=2**14))
     cfg.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
 
+    cfg.peak_flops_per_device = 0.0  # e.g. 197e12 (TPU v5e bf16), 989e12 (H100 bf16 dense): enables MFU in metrics
     cfg.log_every = 50
     cfg.checkpoint_every = 1000
     cfg.max_to_keep = 3

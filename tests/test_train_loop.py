@@ -171,3 +171,38 @@ def test_trained_run_exports_and_converts_back(uninterrupted, tmp_path):
                                  clip_config=tmp_path / "trained_clip_config.json", resolution=config.resolution)
     assert back.config == config
     jax.tree_util.tree_map(np.testing.assert_array_equal, back.params, params)
+
+
+def test_trained_unet_and_vae_run_identically_in_pytorch(uninterrupted):
+    """JAX → PyTorch: the trained U-Net and VAE, exported to diffusers' layout, compute what ours compute."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from sketchcomp_jax.models.config import build_networks
+    from sketchcomp_jax.models.vae import AutoencoderKL as FlaxVAE
+    from sketchcomp_jax.train.checkpointing import load_training_params
+    from sketchcomp_jax.weights.export import diffusers_configs, diffusers_state_dicts
+
+    workdir, _ = uninterrupted
+    config, params, _, _ = load_training_params(workdir, 6)
+    configs, sds = diffusers_configs(config), diffusers_state_dicts(config, params)
+    drop = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    unet_t = UNet2DConditionModel(**drop(configs["unet"])).eval()
+    unet_t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sds["unet"].items()}, strict=True)
+    vae_t = AutoencoderKL(**drop(configs["vae"])).eval()
+    vae_t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sds["vae"].items()}, strict=True)
+    nets = build_networks(config)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 16, 16, 12)).astype(np.float32)
+    ctx = rng.standard_normal((2, 1, config.context_dim)).astype(np.float32)
+    t = np.array([7, 640])
+    ours = np.asarray(nets.unet.apply({"params": params["unet"]}, x, t, ctx))
+    with torch.no_grad():
+        ref = unet_t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+                     encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    z = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
+    ours = np.asarray(nets.vae.apply({"params": params["vae"]}, z, method=FlaxVAE.decode))
+    with torch.no_grad():
+        ref = vae_t.decode(torch.from_numpy(z.transpose(0, 3, 1, 2).copy())).sample.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()

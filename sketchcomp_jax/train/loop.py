@@ -128,6 +128,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
         bar = tqdm(total=int(cfg.total_steps), initial=start, desc="train", disable=jax.process_index() != 0)
         step = start
         window: list[dict] = []
+        window_start = time.time()
         while step < cfg.total_steps:
             batch = to_global_batch(next(data_iter), compiled.batch_sharding)
             state, metrics = compiled.fn(state, batch)
@@ -135,11 +136,14 @@ def train(cfg, workdir: str) -> dict[str, Any]:
             window.append(metrics)
             if step % cfg.log_every == 0 or step == cfg.total_steps:
                 fetched = jax.device_get(window)
-                window = []
+                seconds_per_step = (time.time() - window_start) / len(fetched)
+                window, window_start = [], time.time()
+                throughput = _throughput(seconds_per_step, int(cfg.batch_size), compiled.flops,
+                                         float(cfg.get("peak_flops_per_device", 0.0)))
                 for offset, m in enumerate(fetched):
                     s = step - len(fetched) + offset + 1
                     row = {"step": s, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                           "lr": float(lr_of(jnp.asarray(s - 1))), "uncond_fraction": float(m["uncond_fraction"])}
+                           "lr": float(lr_of(jnp.asarray(s - 1))), "uncond_fraction": float(m["uncond_fraction"]), **throughput}
                     if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
                         raise TrainingDiverged(
                             f"loss became {row['loss']} at step {s}; stopping without saving. The last good "
@@ -172,6 +176,16 @@ def train(cfg, workdir: str) -> dict[str, Any]:
         flag.restore_handlers()
     return {"step": int(jax.device_get(state.step)), "last": last, "stop_reason": stop_reason,
             "flops_per_step": compiled.flops, "memory": compiled.memory}
+
+
+def _throughput(seconds_per_step: float, batch_size: int, flops_per_device_step: float | None,
+                peak_flops_per_device: float) -> dict[str, float]:
+    """Step time, images/s and, when the accelerator's peak is configured, MFU = achieved FLOP/s per
+    device (XLA cost analysis of the partitioned step ÷ step time) ÷ peak FLOP/s per device."""
+    out = {"seconds_per_step": seconds_per_step, "images_per_second": batch_size / seconds_per_step}
+    if flops_per_device_step and peak_flops_per_device > 0:
+        out["mfu"] = flops_per_device_step / seconds_per_step / peak_flops_per_device
+    return out
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
