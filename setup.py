@@ -10,13 +10,20 @@ RUNTIME = [
     "tensorflow-datasets>=4.9.6",
     "array_record>=0.5",
     "numpy>=1.26",
+    "scipy>=1.11",
     "safetensors>=0.4",
     "pillow>=10",
     "ml_collections>=0.1.1",
     "absl-py>=2",
     "pyyaml>=6",
     "tqdm>=4.66",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    "regex>=2023",  # CLIP tokenizer (text baseline)
+    "ftfy>=6",  # CLIP tokenizer text cleanup, as the original environment had it
 ]
+
+# The local web UI (launch/app.py) and the notebook's canvas outside Colab.
+APP = ["gradio==6.31.0", "anywidget>=0.11", "ipywidgets>=8"]
 
 # The PyTorch side: only checkpoint conversion of .ckpt files without our own reader, export to
 # .ckpt, and parity tests use it. torch is pinned because `torch==2.13.0` resolves to a local CPU
@@ -32,6 +39,12 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest>=8", "pytest-xdist>=3"],
+        "app": APP,
+        # Tests also compare against OpenCV / the `bezier` package (the original's data recipe), run the notebook
+        # headless and drive the web UI in Chromium (Debian's, installed by scripts/install_browser.sh).
+        "test": TORCH + APP + [
+            "pytest>=8", "pytest-xdist>=3", "opencv-python-headless>=4.8,<5", "bezier>=2023",
+            "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "playwright>=1.45", "scikit-image>=0.22",
+        ],
     },
 )

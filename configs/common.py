@@ -2,6 +2,24 @@
 import ml_collections
 
 
+VARIANTS = ("paint_by_e_s", "paint_by_e", "paint_by_t_s")
+
+
+def apply_variant(cfg: ml_collections.ConfigDict, variant: str | None) -> ml_collections.ConfigDict:
+    """The paper's method and its two baselines (Table 1), trained with the same recipe:
+    `paint_by_e_s` (default: reference + sketch, 12-channel U-Net), `paint_by_e` (reference only, 9-channel
+    Paint-by-Example) and `paint_by_t_s` (text + sketch: the record's tags through a frozen CLIP text encoder)."""
+    variant = variant or "paint_by_e_s"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; use one of {VARIANTS} (e.g. --config=configs/demo.py:paint_by_e)")
+    cfg.variant = variant
+    if variant == "paint_by_e":
+        cfg.use_sketch = False
+    elif variant == "paint_by_t_s":
+        cfg.conditioning = "text"
+    return cfg
+
+
 def base_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0
@@ -9,13 +27,20 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.init_from = ""
     cfg.in_channels = 12  # 9-channel inits get zero-initialised sketch channels (the paper's init)
     cfg.model = ml_collections.ConfigDict()
-    cfg.conditioning = "example"  # room for the baselines: 'example' (PbE/PbS), later 'text'
+    cfg.conditioning = "example"  # 'example' (PbE/PbS: reference image) or 'text' (the Paint-by-T+S baseline)
     cfg.use_sketch = True  # False trains a 9-channel Paint-by-Example baseline
+    # Text baseline only: the frozen CLIP text encoder (transformers folder / checkpoint; empty = random init of
+    # model.text) and its tokenizer folder (empty = the dataset's tokenizer/, which the synthetic set has).
+    cfg.text = ml_collections.ConfigDict(dict(encoder_from="", tokenizer=""))
     cfg.train_uncond_vector = False  # Paint-by-Sketch never updates it (SPEC §2.2)
     cfg.uncond_prob = 0.2
     cfg.per_sample_uncond = False  # the original drops the reference for the whole batch
     cfg.compute_dtype = "float32"  # or "bfloat16" (parameters stay float32)
     cfg.remat = True
+    # Random inits only (tiny configs): fit the random VAE to the data for this many steps before training the
+    # U-Net, as SD's VAE was trained before it (see sketchcomp_jax/train/autoencoder.py).
+    cfg.fit_vae_steps = 0
+    cfg.fit_vae_batch_size = 16
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.dir = ""

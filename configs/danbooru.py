@@ -10,20 +10,29 @@ Single GPU node (all local GPUs, data parallel):
         --config.init_from=models/pbe --config.data.dir=data/danbooru --config.batch_size=16
 
 TPU pod (run the same command on every worker, e.g. `gcloud compute tpus tpu-vm ssh NAME --worker=all
---command="..."`; JAX discovers the pod by itself; FSDP shards weights and Adam moments over chips):
-    python launch/train.py --config=configs/danbooru.py --workdir gs://bucket/runs/pbs \
-        --config.init_from=gs://bucket/models/pbe --config.data.dir=gs://bucket/data/danbooru \
+--command="..."`; JAX discovers the pod by itself; FSDP shards weights and Adam moments over chips; paths on a
+filesystem all workers mount, e.g. a gcsfuse-mounted bucket):
+    python launch/train.py --config=configs/danbooru.py --workdir /mnt/shared/runs/pbs \
+        --config.init_from=/mnt/shared/models/pbe --config.data.dir=/mnt/shared/data/danbooru \
         --config.batch_size=256 --config.mesh.strategy=fsdp --config.mesh.ici.data=1 --config.mesh.ici.fsdp=-1
 
 Multi-node GPU without a cluster manager: add `--config.distributed.coordinator=HOST0:1234
 --config.distributed.num_processes=N --config.distributed.process_id=I` on each node.
 The paper's recipe: lr 1e-5 (AdamW, wd 0.01), 10k warm-up steps, batch 2 (1 × 2 GPUs), 40 epochs, fp32,
 reference dropped with p = 0.2, the unconditional vector frozen.
+
+Baselines of Table 1, same recipe and init:
+    --config=configs/danbooru.py:paint_by_e     Paint-by-E: 9-channel U-Net, no sketch
+    --config=configs/danbooru.py:paint_by_t_s   Paint-by-T+S: the record's tags through the frozen CLIP ViT-L/14
+        text encoder instead of the reference; also pass --config.text.encoder_from=clip-vit-large-patch14/
+        (a transformers CLIPTextModel / CLIPModel folder or an SD checkpoint) and
+        --config.text.tokenizer=clip-vit-large-patch14/ (vocab.json + merges.txt). The data set needs tags
+        (prepare_data.py --tags). The U-Net starts from Paint-by-Example as for E+S (context width 768 in both).
 """
-from configs.common import base_config
+from configs.common import apply_variant, base_config
 
 
-def get_config():
+def get_config(variant: str | None = None):
     cfg = base_config()
     cfg.model = dict(resolution=512)  # SD v1 U-Net (12 ch), SD VAE, CLIP ViT-L/14: taken from init_from
     cfg.init_from = ""  # set: a model directory converted from Paint-by-Example (`--in_channels` 12 is applied here)
@@ -32,4 +41,4 @@ def get_config():
     cfg.batch_size = 2
     cfg.total_steps = 1_100_000  # ≈ 40 epochs of 55k images at batch 2
     cfg.sample_steps = 50
-    return cfg
+    return apply_variant(cfg, variant)

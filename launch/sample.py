@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Model directory (launch/convert.py output or a trained export).", required=True)
+flags.DEFINE_string("model", None, "Model directory (launch/convert.py output) or training work directory.",
+                    required=True)
 flags.DEFINE_string("image", None, "Source image (any size/mode).", required=True)
 flags.DEFINE_string("mask", None, "Mask image: white = region to fill.", required=True)
 flags.DEFINE_string("sketch", None, "Sketch image: white strokes on black (black-on-white is inverted).")
@@ -32,6 +33,7 @@ flags.DEFINE_enum("vae_encode", "sample", ["sample", "mean"], "Masked-image late
 flags.DEFINE_bool("paste_back", False, "Keep the source pixels outside the hole (feathered). Recommended.")
 flags.DEFINE_string("reference_box", None, "x0,y0,x1,y1: crop the reference from the source (self-reference).")
 flags.DEFINE_integer("self_reference_iterations", 0, "Re-sample k times with the hole crop of the result as reference.")
+flags.DEFINE_string("prompt", None, "Text for a text-conditioned model (the Paint-by-T+S baseline), e.g. its tags.")
 flags.DEFINE_bool("grid", False, "Also write OUT_grid.png with all samples side by side.")
 
 
@@ -49,8 +51,8 @@ def main(argv):
             box = [int(v) for v in FLAGS.reference_box.split(",")]
             if len(box) != 4:
                 raise ValueError("--reference_box needs four integers x0,y0,x1,y1")
-        if FLAGS.reference is None and box is None:
-            raise ValueError("give --reference or --reference_box")
+        if FLAGS.reference is None and box is None and FLAGS.prompt is None:
+            raise ValueError("give --reference or --reference_box (or --prompt for a text-conditioned model)")
         noise = None
         if FLAGS.noise:
             try:
@@ -71,7 +73,7 @@ def main(argv):
                 steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale, sketch_drop_after=FLAGS.sketch_drop_after,
                 drop_value=FLAGS.drop_value, eta=FLAGS.eta, vae_encode=FLAGS.vae_encode,
                 paste_back=FLAGS.paste_back, reference_box=box,
-                self_reference_iterations=FLAGS.self_reference_iterations,
+                self_reference_iterations=FLAGS.self_reference_iterations, prompt=FLAGS.prompt,
             )
             bar.update()
             bar.set_postfix_str("writing")

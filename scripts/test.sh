@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The README's test command: set up .venv if needed, then run the default (fast) test suite.
+# The README's test command: set up .venv if needed (and Debian's Chromium for the web-UI browser test),
+# then run the default (fast) test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
+bash scripts/install_browser.sh
 . .venv/bin/activate
 exec python -m pytest -q "$@"

@@ -30,7 +30,6 @@ from sketchcomp_jax.diffusion.schedule import make_schedule
 from sketchcomp_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
 from sketchcomp_jax.models.config import ModelConfig, build_networks
 from sketchcomp_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from sketchcomp_jax.weights.model_dir import load_model
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,12 @@ class CompositionResult:
 class SketchCompositionPipeline:
     """Load once, call many times. Compiled programs are cached per (sampler, steps, drop step, batch)."""
 
-    def __init__(self, config: ModelConfig, params: dict[str, Any], dtype: Any = jnp.float32):
+    def __init__(self, config: ModelConfig, params: dict[str, Any], dtype: Any = jnp.float32,
+                 tokenizer: Any = None):
+        if config.conditioning == "text" and tokenizer is None:
+            raise ValueError("a text-conditioned model (the Paint-by-T+S baseline) needs its CLIP tokenizer")
         self.config = config
+        self.tokenizer = tokenizer
         self.params = jax.device_put(params)
         self.nets = build_networks(config, dtype=dtype)
         sched = config.schedule
@@ -76,8 +79,17 @@ class SketchCompositionPipeline:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> "SketchCompositionPipeline":
-        config, params = load_model(model_dir)
-        return cls(config, params, dtype)
+        """From a model directory or a training work directory (its latest checkpoint)."""
+        from sketchcomp_jax.model_source import load_model_source
+
+        config, params, _ = load_model_source(model_dir)
+        tokenizer = None
+        if config.conditioning == "text":
+            from sketchcomp_jax.models.clip_tokenizer import CLIPTokenizer
+            from sketchcomp_jax.weights.model_dir import model_tokenizer_dir
+
+            tokenizer = CLIPTokenizer.from_folder(model_tokenizer_dir(model_dir, config))
+        return cls(config, params, dtype, tokenizer)
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(
@@ -108,7 +120,12 @@ class SketchCompositionPipeline:
                 sketch_arr = imageio.sketch_from_image(imageio.load_image(sketch, "sketch"), size)
         elif sketch is not None:
             log.warning("this is a %d-channel model without sketch input: the sketch is ignored", cfg.unet.in_channels)
-        ref_img = self._reference_image(src, reference, reference_box)
+        if cfg.conditioning == "text":
+            if reference is not None or reference_box is not None:
+                log.warning("this is a text-conditioned model: the reference is ignored (give a prompt)")
+            ref_img = src  # unused by the model; kept so the result records what was given
+        else:
+            ref_img = self._reference_image(src, reference, reference_box)
         return PreparedInputs(
             image=image_arr[None], keep_mask=keep[None], sketch=None if sketch_arr is None else sketch_arr[None],
             reference=self._clip_pixels(ref_img), source_size=src.size, source_image=src,
@@ -162,14 +179,21 @@ class SketchCompositionPipeline:
         paste_back: bool = False,
         reference_box: Sequence[int] | None = None,
         self_reference_iterations: int = 0,
+        prompt: str | None = None,
     ) -> CompositionResult:
         """Runs the composition. `noise`: initial latents, NCHW (N or 1, 4, h, w) as the PyTorch
         original lays them out (N = num_samples). `self_reference_iterations=k` runs k more rounds, each
-        using the padded hole box of the previous result as the reference (`eval_dataloader.py`)."""
+        using the padded hole box of the previous result as the reference (`eval_dataloader.py`).
+        `prompt`: the text of a text-conditioned model (the T+S baseline; "" is unconditional)."""
         if vae_encode not in ("sample", "mean"):
             raise ValueError(f"vae_encode must be 'sample' or 'mean', got {vae_encode!r}")
         if num_samples < 1:
             raise ValueError("num_samples must be >= 1")
+        text_model = self.config.conditioning == "text"
+        if text_model and self_reference_iterations:
+            raise ValueError("self-reference needs a reference-conditioned model; this one is conditioned on text")
+        if prompt is not None and not text_model:
+            log.warning("this model is conditioned on a reference image: the prompt is ignored")
         inputs = self.preprocess(image, mask, sketch, reference, reference_box)
         rng = jax.random.PRNGKey(seed)
         rng, noise_rng, enc_rng, eta_rng = jax.random.split(rng, 4)
@@ -181,7 +205,8 @@ class SketchCompositionPipeline:
         references = [self._pixels_to_image(reference_pixels)]
         hole_box = imageio.hole_bbox(inputs.keep_mask[0])
         for round_index in range(self_reference_iterations + 1):
-            context = self._context(self.params["conditioner"], jnp.asarray(reference_pixels))
+            conditioning_input = self.tokenizer(prompt or "") if text_model else reference_pixels
+            context = self._context(self.params["conditioner"], jnp.asarray(conditioning_input))
             context = jnp.broadcast_to(context, (num_samples,) + context.shape[1:])
             uncond = self.params["conditioner"]["uncond_vector"]
             cond = cond._replace(context=context, uncond_context=jnp.broadcast_to(uncond, context.shape))

@@ -29,6 +29,7 @@ import math
 import os
 import pathlib
 import sys
+import threading
 from typing import Any, Sequence
 
 import grain
@@ -599,6 +600,9 @@ def _text(v: Any) -> str:
     return str(v)
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class RecordSource:
     """A grain random-access source over one split of a prepared dataset. Elements are dicts with the
     encoded ``image`` and ``sketch`` bytes, ``tags`` and ``id`` text and the record ``index``. Picklable
@@ -624,7 +628,9 @@ class RecordSource:
 
     def _open(self):
         if self._src is None:
-            self._src = records.open_split(self.data_dir, self.split)
+            with _OPEN_LOCK:  # grain's read threads share the source: open the split once per process
+                if self._src is None:
+                    self._src = records.open_split(self.data_dir, self.split)
         return self._src
 
     def __len__(self) -> int:

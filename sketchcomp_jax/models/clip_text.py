@@ -24,7 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sketchcomp_jax.models.layers import ACTIVATIONS, LayerNorm, dense
+from sketchcomp_jax.models.clip_vision import CLIPEncoderLayer
+from sketchcomp_jax.models.layers import ACTIVATIONS, LayerNorm
 
 Dtype = Any
 
@@ -96,48 +97,6 @@ class CLIPTextConfig:
         return cls.from_dict(raw)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
-    """Multi-head causal self-attention on (B, T, heads*dim) inputs -> (B, T, heads*dim).
-
-    Query t attends to keys 0..t only. Heads are split head-major as PyTorch's `view(B, T, H, D)`;
-    logits are scaled by D**-0.5 and the softmax runs in float32. `layers.attention` has no mask, and
-    CLIP's text tower is the only causal user, so the masked variant lives here.
-    """
-    batch, tokens, width = q.shape
-    head_dim = width // num_heads
-    qh = q.reshape(batch, tokens, num_heads, head_dim)
-    kh = k.reshape(batch, tokens, num_heads, head_dim)
-    vh = v.reshape(batch, tokens, num_heads, head_dim)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh).astype(jnp.float32) * head_dim**-0.5
-    allowed = jnp.tril(jnp.ones((tokens, tokens), dtype=bool))
-    # The diagonal is always allowed, so no row is fully masked and -inf is safe (exp gives exact 0,
-    # as transformers' additive finfo.min mask does).
-    logits = jnp.where(allowed[None, None], logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1).astype(vh.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, vh)
-    return out.reshape(batch, tokens, width)
-
-
-class CLIPTextEncoderLayer(nn.Module):
-    """transformers `CLIPEncoderLayer` with causal attention: pre-LN attention and pre-LN MLP, both residual."""
-
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        h = LayerNorm(cfg.layer_norm_eps, name="layer_norm1")(x)
-        q = dense(cfg.hidden_size, "q_proj", self.dtype)(h)
-        k = dense(cfg.hidden_size, "k_proj", self.dtype)(h)
-        v = dense(cfg.hidden_size, "v_proj", self.dtype)(h)
-        h = causal_attention(q, k, v, cfg.num_attention_heads)
-        x = x + dense(cfg.hidden_size, "out_proj", self.dtype)(h)
-        h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2")(x)
-        h = ACTIVATIONS[cfg.hidden_act](dense(cfg.intermediate_size, "fc1", self.dtype)(h))
-        return x + dense(cfg.hidden_size, "fc2", self.dtype)(h)
-
-
 def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     """(B, L) ids -> (B,) index of the end-of-text token, by transformers' rule for `eos_token_id`."""
     if eos_token_id == LEGACY_EOS_TOKEN_ID:
@@ -180,9 +139,9 @@ class CLIPTextTower(nn.Module):
         # vocabulary ids, so that case means a mismatched tokenizer/model pair, which the caller checks.
         h = jnp.take(token_embedding, input_ids, axis=0) + position_embedding[:length][None]
         h = h.astype(self.dtype)
-        layer_cls = nn.remat(CLIPTextEncoderLayer) if self.remat else CLIPTextEncoderLayer
+        layer_cls = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
         for i in range(cfg.num_hidden_layers):
-            h = layer_cls(cfg, self.dtype, name=f"layers_{i}")(h)
+            h = layer_cls(cfg, self.dtype, causal=True, name=f"layers_{i}")(h)
         h = LayerNorm(cfg.layer_norm_eps, name="final_layer_norm")(h).astype(jnp.float32)
         pooled = jnp.take_along_axis(h, eos_positions(input_ids, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
         return h, pooled

@@ -2,7 +2,8 @@
 
 Input: CLIP-normalised pixels (B, H, W, 3) NHWC at `image_size`. Output: `(last_hidden_state (B, 1+P, D),
 pooler_output (B, D))` where `pooler_output = post_layernorm(last_hidden_state[:, 0])` (the CLS token),
-which is what Paint-by-Example feeds its mapper.
+which is what Paint-by-Example feeds its mapper. `CLIPImageEmbedder` adds the bias-free `visual_projection`
+of `CLIPModel.get_image_features` (used by the CLIP metrics).
 """
 from __future__ import annotations
 
@@ -71,8 +72,12 @@ class CLIPVisionConfig:
 
 
 class CLIPEncoderLayer(nn.Module):
-    config: CLIPVisionConfig
+    """transformers `CLIPEncoderLayer`: pre-LN self-attention and pre-LN MLP, both residual. `config` is a
+    vision or text CLIP config (same fields); `causal` for the text tower."""
+
+    config: Any
     dtype: Dtype = jnp.float32
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -81,7 +86,7 @@ class CLIPEncoderLayer(nn.Module):
         q = dense(cfg.hidden_size, "q_proj", self.dtype)(h)
         k = dense(cfg.hidden_size, "k_proj", self.dtype)(h)
         v = dense(cfg.hidden_size, "v_proj", self.dtype)(h)
-        h = attention(q, k, v, cfg.num_attention_heads)
+        h = attention(q, k, v, cfg.num_attention_heads, causal=self.causal)
         x = x + dense(cfg.hidden_size, "out_proj", self.dtype)(h)
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2")(x)
         h = ACTIVATIONS[cfg.hidden_act](dense(cfg.intermediate_size, "fc1", self.dtype)(h))
@@ -126,3 +131,17 @@ class CLIPVisionTower(nn.Module):
             h = layer_cls(cfg, self.dtype, name=f"layers_{i}")(h)
         pooled = LayerNorm(cfg.layer_norm_eps, name="post_layernorm")(h[:, 0])
         return h.astype(jnp.float32), pooled.astype(jnp.float32)
+
+
+class CLIPImageEmbedder(nn.Module):
+    """CLIP vision tower + optional bias-free `visual_projection`. (B, S, S, 3) normalised → (B, D)."""
+
+    config: CLIPVisionConfig
+    projection_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        _, pooled = CLIPVisionTower(self.config, name="clip")(pixels)
+        if self.projection_dim:
+            pooled = nn.Dense(self.projection_dim, use_bias=False, name="visual_projection")(pooled)
+        return pooled

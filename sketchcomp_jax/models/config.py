@@ -7,16 +7,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+from sketchcomp_jax.models.clip_text import CLIPTextConfig
 from sketchcomp_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
 from sketchcomp_jax.models.conditioner import MapperConfig, ReferenceConditioner
+from sketchcomp_jax.models.text_conditioner import TextConditioner
 from sketchcomp_jax.models.unet import UNet, UNetConfig
 from sketchcomp_jax.models.vae import SCALE_FACTOR, AutoencoderKL, VAEConfig
 
 CONFIG_FORMAT = "sketchcomp-jax-model"
 CONFIG_VERSION = 1
 SKETCH_EDGE_TYPES = ("only_mask_region", "full", "erase_mask_region", "not_use")
+CONDITIONINGS = ("example", "text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,9 @@ class ModelConfig:
     `resolution` is the image size the model is meant for (512 for the released weights); the latent
     size is `resolution // vae.downsample_factor`. `sketch_edge_type` is the original's
     `sketch_stage_config.input_edge_type` (`only_mask_region`: sketch kept only inside the hole).
+    `conditioning`: "example" (Paint-by-Example / -Sketch: reference image → CLIP vision → mapper, context
+    (B, 1, D)) or "text" (the Paint-by-T+S baseline: tags → CLIP text tower `text`, context (B, 77, D));
+    `clip` and `mapper` are unused for text.
     """
 
     unet: UNetConfig = UNetConfig()
@@ -47,9 +54,18 @@ class ModelConfig:
     resolution: int = 512
     schedule: ScheduleConfig = ScheduleConfig()
     sketch_edge_type: str = "only_mask_region"
+    conditioning: str = "example"
+    text: CLIPTextConfig | None = None
 
     def __post_init__(self):
-        if self.mapper.width != self.clip.hidden_size:
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        if self.conditioning == "text":
+            if self.text is None:
+                raise ValueError("conditioning='text' needs a CLIP text config (`text`)")
+            if self.text.hidden_size != self.context_dim:
+                raise ValueError(f"CLIP text hidden size {self.text.hidden_size} != context_dim {self.context_dim}")
+        elif self.mapper.width != self.clip.hidden_size:
             raise ValueError(
                 f"mapper width {self.mapper.width} must equal the CLIP hidden size {self.clip.hidden_size}"
             )
@@ -63,6 +79,17 @@ class ModelConfig:
     @property
     def latent_size(self) -> int:
         return self.resolution // self.vae.downsample_factor
+
+    @property
+    def conditioning_input(self) -> str:
+        """The batch key the conditioner reads: `reference` (CLIP-normalised pixels) or `tokens` (int32 ids)."""
+        return "tokens" if self.conditioning == "text" else "reference"
+
+    def dummy_conditioning_input(self, batch: int = 1) -> jax.Array:
+        """Zeros of the conditioner's input shape and dtype (for init / shape inference)."""
+        if self.conditioning == "text":
+            return jnp.zeros((batch, self.text.max_position_embeddings), jnp.int32)
+        return jnp.zeros((batch, self.clip.image_size, self.clip.image_size, self.clip.num_channels), jnp.float32)
 
     @property
     def uses_sketch(self) -> bool:
@@ -93,6 +120,8 @@ class ModelConfig:
             resolution=raw["resolution"],
             schedule=ScheduleConfig(**raw["schedule"]),
             sketch_edge_type=raw.get("sketch_edge_type", "only_mask_region"),
+            conditioning=raw.get("conditioning", "example"),
+            text=CLIPTextConfig(**raw["text"]) if raw.get("text") else None,
         )
 
     def replace(self, **changes) -> "ModelConfig":
@@ -105,7 +134,7 @@ class Networks:
 
     unet: UNet
     vae: AutoencoderKL
-    conditioner: ReferenceConditioner
+    conditioner: ReferenceConditioner | TextConditioner
 
 
 def build_networks(config: ModelConfig, dtype: Any = jnp.float32, remat: bool = False) -> Networks:
@@ -113,11 +142,15 @@ def build_networks(config: ModelConfig, dtype: Any = jnp.float32, remat: bool = 
     return Networks(
         unet=UNet(config.unet, dtype=dtype, remat=remat),
         vae=AutoencoderKL(config.vae, dtype=dtype),
-        conditioner=ReferenceConditioner(config.clip, config.mapper, config.context_dim, dtype=dtype, remat=remat),
+        conditioner=(
+            TextConditioner(config.text, dtype=dtype, remat=remat) if config.conditioning == "text"
+            else ReferenceConditioner(config.clip, config.mapper, config.context_dim, dtype=dtype, remat=remat)
+        ),
     )
 
 
 __all__ = [
+    "CLIPTextConfig",
     "CLIPVisionConfig",
     "CLIPVisionTower",
     "MapperConfig",

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -19,10 +20,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sketchcomp_jax.diffusion.schedule import make_schedule
+from sketchcomp_jax.generation import BatchGenerator
 from sketchcomp_jax.models.config import ModelConfig, build_networks
 from sketchcomp_jax.parallel.mesh import initialize_distributed, make_mesh
 from sketchcomp_jax.train.checkpointing import Checkpointer, PreemptionFlag, config_to_json
-from sketchcomp_jax.train.init import initial_model
+from sketchcomp_jax.train.init import initial_model, text_tokenizer_dir
+from sketchcomp_jax.train.metrics_writer import MetricsWriter
 from sketchcomp_jax.train.loss import diffusion_loss
 from sketchcomp_jax.train.state import TrainState, create_train_state, learning_rate_schedule, make_optimizer, merge_params
 from sketchcomp_jax.train.step import compile_step, make_step_fn
@@ -51,20 +54,27 @@ def _ensure_data(cfg) -> str:
     return data_dir
 
 
-def _loader(cfg, model_config: ModelConfig, split: str, eval_mode: bool, epochs=None):
+def _loader(cfg, model_config: ModelConfig, split: str, eval_mode: bool, epochs=None, **kwargs):
     from sketchcomp_jax.data.pipeline import make_train_loader
 
     return make_train_loader(
         cfg.data.dir, split=split, resolution=model_config.resolution, reference_size=model_config.clip.image_size,
         global_batch_size=int(cfg.batch_size), seed=int(cfg.seed), worker_count=int(cfg.data.worker_count),
         num_epochs=epochs, eval_mode=eval_mode, arbitrary_mask_percent=float(cfg.data.arbitrary_mask_percent),
+        tokenizer_dir=text_tokenizer_dir(cfg), **kwargs,
     )
 
 
-def _batch_shapes(model_config: ModelConfig, batch_size: int) -> dict[str, tuple[int, ...]]:
-    r, s = model_config.resolution, model_config.clip.image_size
+def _model_inputs(batch: dict, model_config: ModelConfig) -> dict:
+    """The arrays the train step reads (the loader also yields tags, ids and the unused conditioning input)."""
+    return {k: batch[k] for k in ("gt", "keep_mask", "sketch", model_config.conditioning_input)}
+
+
+def _batch_shapes(model_config: ModelConfig, batch_size: int) -> dict[str, tuple | jax.ShapeDtypeStruct]:
+    r = model_config.resolution
+    cond = model_config.dummy_conditioning_input(batch_size)
     return {"gt": (batch_size, r, r, 3), "keep_mask": (batch_size, r, r, 1), "sketch": (batch_size, r, r, 3),
-            "reference": (batch_size, s, s, 3)}
+            model_config.conditioning_input: jax.ShapeDtypeStruct(cond.shape, cond.dtype)}
 
 
 def train(cfg, workdir: str) -> dict[str, Any]:
@@ -79,8 +89,17 @@ def train(cfg, workdir: str) -> dict[str, Any]:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {data_parallel} data-parallel devices")
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
-    model_config, params, source = initial_model(cfg)
     _ensure_data(cfg)
+    ckpt = Checkpointer(workdir_path, int(cfg.max_to_keep))
+    try:
+        return _train(cfg, workdir_path, mesh, ckpt)
+    finally:
+        ckpt.close()
+
+
+def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[str, Any]:
+    start = ckpt.latest_step()
+    model_config, params, source = initial_model(cfg, fresh=start is None)
     log.info("model: %s, U-Net %d input channels, %d² images", source, model_config.unet.in_channels,
              model_config.resolution)
     nets = build_networks(model_config, dtype=_dtype(cfg.compute_dtype), remat=bool(cfg.remat))
@@ -101,8 +120,6 @@ def train(cfg, workdir: str) -> dict[str, Any]:
 
     loader = _loader(cfg, model_config, "train", eval_mode=False)
     data_iter = iter(loader)
-    ckpt = Checkpointer(workdir_path, int(cfg.max_to_keep))
-    start = ckpt.latest_step()
     abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                       jax.eval_shape(lambda: state), compiled.state_shardings)
     if start is not None:
@@ -111,13 +128,18 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     else:
         start = 0
         state = jax.device_put(state, compiled.state_shardings)
-        (workdir_path / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
+        if jax.process_index() == 0:
+            (workdir_path / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
+            tokenizer = text_tokenizer_dir(cfg)
+            if tokenizer:  # the run is self-contained: sampling and export find the tokenizer here
+                shutil.copytree(tokenizer, workdir_path / "tokenizer", dirs_exist_ok=True)
     config_json = config_to_json(cfg)
-    metrics_path = workdir_path / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    writer = MetricsWriter(workdir_path, enabled=jax.process_index() == 0)
+    writer.truncate_after(start)
     lr_of = learning_rate_schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.get("warmup_f_start", 1e-6))
     flag = PreemptionFlag()
     eval_batch = None
+    sampler = None
     stop_reason = "finished"
     last = {}
     from sketchcomp_jax.data.pipeline import to_global_batch
@@ -130,7 +152,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
         window: list[dict] = []
         window_start = time.time()
         while step < cfg.total_steps:
-            batch = to_global_batch(next(data_iter), compiled.batch_sharding)
+            batch = to_global_batch(_model_inputs(next(data_iter), model_config), compiled.batch_sharding)
             state, metrics = compiled.fn(state, batch)
             step += 1
             window.append(metrics)
@@ -140,6 +162,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
                 window, window_start = [], time.time()
                 throughput = _throughput(seconds_per_step, int(cfg.batch_size), compiled.flops,
                                          float(cfg.get("peak_flops_per_device", 0.0)))
+                rows = []
                 for offset, m in enumerate(fetched):
                     s = step - len(fetched) + offset + 1
                     row = {"step": s, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
@@ -151,9 +174,8 @@ def train(cfg, workdir: str) -> dict[str, Any]:
                             "rate or enable gradient clipping (--config.optim.grad_clip_norm=1.0)"
                         )
                     last = row
-                    if jax.process_index() == 0:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(row) + "\n")
+                    rows.append(row)
+                writer.write(rows)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             bar.update(1)
             preempted = flag.requested or ckpt.reached_preemption(step)
@@ -161,18 +183,24 @@ def train(cfg, workdir: str) -> dict[str, Any]:
                 ckpt.save(step, state, data_iter, config_json, force=True)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 loss = _eval_loss(cfg, model_config, nets, state, acp, mesh, compiled.batch_sharding)
-                _append_eval(metrics_path, step, loss)
+                writer.write([{"step": step, "eval_loss": loss}])
             if cfg.sample_every and step % cfg.sample_every == 0 and jax.process_index() == 0:
-                if eval_batch is None:
-                    eval_batch = next(iter(_loader(cfg, model_config, "test", eval_mode=True, epochs=1)))
-                _write_sample_grid(workdir_path / "samples" / f"step_{step:07d}.png", cfg, model_config, nets, state,
-                                   eval_batch)
+                if eval_batch is None:  # only this process samples: the whole (possibly short) first test batch
+                    eval_batch = next(iter(_loader(cfg, model_config, "test", eval_mode=True, epochs=1,
+                                                   shard_index=0, shard_count=1, drop_remainder=False)))
+                if sampler is None:
+                    sampler = BatchGenerator(model_config, nets, sampler="plms", steps=int(cfg.sample_steps),
+                                             guidance_scale=float(cfg.sample_guidance), vae_encode="mean")
+                grid = _sample_grid(sampler, model_config, state, eval_batch)
+                _save_png(workdir_path / "samples" / f"step_{step:07d}.png", grid)
+                writer.image("samples", grid, step)
             if preempted:
                 stop_reason = "preempted"
                 break
         bar.close()
     finally:
-        ckpt.close()
+        ckpt.wait()
+        writer.close()
         flag.restore_handlers()
     return {"step": int(jax.device_get(state.step)), "last": last, "stop_reason": stop_reason,
             "flops_per_step": compiled.flops, "memory": compiled.memory}
@@ -183,24 +211,11 @@ def _throughput(seconds_per_step: float, batch_size: int, flops_per_device_step:
     """Step time, images/s and, when the accelerator's peak is configured, MFU = achieved FLOP/s per
     device (XLA cost analysis of the partitioned step ÷ step time) ÷ peak FLOP/s per device."""
     out = {"seconds_per_step": seconds_per_step, "images_per_second": batch_size / seconds_per_step}
-    if flops_per_device_step and peak_flops_per_device > 0:
-        out["mfu"] = flops_per_device_step / seconds_per_step / peak_flops_per_device
+    if flops_per_device_step:
+        out["tflops_per_device"] = flops_per_device_step / seconds_per_step / 1e12
+        if peak_flops_per_device > 0:
+            out["mfu"] = flops_per_device_step / seconds_per_step / peak_flops_per_device
     return out
-
-
-def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Drops metric rows after the restored step (they belong to steps that will be re-run)."""
-    if not path.exists() or jax.process_index() != 0:
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
-    path.write_text("".join(r + "\n" for r in kept))
-
-
-def _append_eval(path: pathlib.Path, step: int, loss: float) -> None:
-    if jax.process_index() == 0:
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": step, "eval_loss": loss}) + "\n")
 
 
 def _eval_loss(cfg, model_config, nets, state: TrainState, acp, mesh, batch_sharding) -> float:
@@ -212,45 +227,46 @@ def _eval_loss(cfg, model_config, nets, state: TrainState, acp, mesh, batch_shar
         return diffusion_loss(merge_params(trainable, frozen), batch, key, nets, model_config, acp, 0.0)[0]
 
     losses = []
-    loader = _loader(cfg, model_config, "test", eval_mode=True, epochs=1)
+    try:
+        loader = _loader(cfg, model_config, "test", eval_mode=True, epochs=1)
+    except ValueError as e:  # e.g. a test split smaller than one global batch
+        log.warning("eval loss skipped: %s", e)
+        return float("nan")
     for i, batch in enumerate(loader):
         if i >= cfg.eval_batches:
             break
-        losses.append(float(loss_of(state.trainable, state.frozen, to_global_batch(batch, batch_sharding),
+        losses.append(float(loss_of(state.trainable, state.frozen,
+                                    to_global_batch(_model_inputs(batch, model_config), batch_sharding),
                                     jax.random.PRNGKey(1000 + i))))
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def _write_sample_grid(path: pathlib.Path, cfg, model_config: ModelConfig, nets, state: TrainState, batch) -> None:
-    """Rows of source | mask | sketch | reference | result for the first images of a test batch."""
+def _sample_grid(sampler: BatchGenerator, model_config: ModelConfig, state: TrainState, batch) -> np.ndarray:
+    """(H, W, 3) uint8: rows of source | mask | sketch | reference | result for the first images of a test
+    batch (PLMS with guidance; the masked image's posterior mean, fixed noise: comparable across steps)."""
     from PIL import Image
 
-    from sketchcomp_jax.diffusion.inputs import latent_conditioning
-    from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
     from sketchcomp_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
-    from sketchcomp_jax.models.vae import AutoencoderKL, DiagonalGaussian
 
     params = jax.device_get(merge_params(state.trainable, state.frozen))
     n = min(4, batch["gt"].shape[0])
-    gt, keep, sketch, ref = (np.asarray(batch[k][:n]) for k in ("gt", "keep_mask", "sketch", "reference"))
-    moments = nets.vae.apply({"params": params["vae"]}, gt * keep, method=AutoencoderKL.encode)
-    z_masked = model_config.scale_factor * DiagonalGaussian(moments).mean
-    lat = model_config.latent_size
-    mask_lat, sketch_lat = latent_conditioning(keep, sketch if model_config.uses_sketch else None, (lat, lat),
-                                               model_config.sketch_edge_type)
-    context = nets.conditioner.apply({"params": params["conditioner"]}, ref)
-    cond = SamplingCond(z_masked, mask_lat, sketch_lat, context, params["conditioner"]["uncond_vector"])
-    run = make_sampler(lambda p, x, t, c: nets.unet.apply({"params": p}, x, t, c), sampler="plms",
-                       num_steps=int(cfg.sample_steps))
-    x0 = run(params["unet"], jax.random.normal(jax.random.PRNGKey(0), (n, lat, lat, 4)), cond,
-             jnp.float32(cfg.sample_guidance))
-    decoded = nets.vae.apply({"params": params["vae"]}, (1.0 / model_config.scale_factor) * x0,
-                             method=AutoencoderKL.decode)
+    small = {k: np.asarray(v[:n]) for k, v in batch.items() if isinstance(v, np.ndarray)}
+    result = sampler(params, small, list(range(n)), seed=0)
     r = model_config.resolution
     to01 = lambda a: np.clip((np.asarray(a) + 1) / 2, 0, 1)  # noqa: E731
-    ref01 = np.clip(ref * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN), 0, 1)
-    ref01 = np.stack([np.asarray(Image.fromarray((x * 255).astype(np.uint8)).resize((r, r))) / 255.0 for x in ref01])
-    columns = [to01(gt), np.repeat(keep, 3, -1), to01(sketch), ref01, to01(decoded)]
+    if "reference" in small:
+        ref01 = np.clip(small["reference"] * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN), 0, 1)
+        ref01 = np.stack([np.asarray(Image.fromarray((x * 255).astype(np.uint8)).resize((r, r))) / 255.0
+                          for x in ref01])
+    else:  # the text baseline has no reference picture
+        ref01 = np.full((n, r, r, 3), 0.5)
+    columns = [to01(small["gt"]), np.repeat(small["keep_mask"], 3, -1), to01(small["sketch"]), ref01, result]
     grid = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
+    return (grid * 255).astype(np.uint8)
+
+
+def _save_png(path: pathlib.Path, image: np.ndarray) -> None:
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid * 255).astype(np.uint8)).save(path)
+    Image.fromarray(image).save(path)

@@ -29,7 +29,8 @@ def diffusion_loss(
     uncond_prob: float = 0.2,
     per_sample_uncond: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """batch: `gt` (B,R,R,3) [-1,1], `keep_mask` (B,R,R,1), `sketch` (B,R,R,3) [-1,1], `reference` (B,S,S,3)."""
+    """batch: `gt` (B,R,R,3) [-1,1], `keep_mask` (B,R,R,1), `sketch` (B,R,R,3) [-1,1], and `reference`
+    (B,S,S,3) CLIP-normalised, or for the text baseline `tokens` (B,77) int32."""
     gt, keep = batch["gt"], batch["keep_mask"]
     b = gt.shape[0]
     r_gt, r_masked, r_t, r_noise, r_drop = jax.random.split(rng, 5)
@@ -51,7 +52,7 @@ def diffusion_loss(
     z_t = jnp.sqrt(acp) * z0 + jnp.sqrt(1.0 - acp) * noise
 
     cond_vars = {"params": params["conditioner"]}
-    context = nets.conditioner.apply(cond_vars, batch["reference"])
+    context = nets.conditioner.apply(cond_vars, batch[config.conditioning_input])
     uncond = jnp.broadcast_to(params["conditioner"]["uncond_vector"].astype(context.dtype), context.shape)
     if per_sample_uncond:
         drop = jax.random.uniform(r_drop, (b, 1, 1)) < uncond_prob

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-FROZEN_CONDITIONER = ("clip",)
+# The CLIP towers (vision for the reference, text for the T+S baseline) are frozen, as in the original.
+FROZEN_CONDITIONER = ("clip", "text")
 
 
 @flax.struct.dataclass
@@ -28,8 +29,9 @@ class TrainState:
 def split_params(params: dict[str, Any], train_uncond_vector: bool = False) -> tuple[dict, dict]:
     """Full model params {'unet','vae','conditioner'} → (trainable, frozen) subtrees."""
     cond = dict(params["conditioner"])
-    frozen_cond = {k: cond.pop(k) for k in FROZEN_CONDITIONER}
-    if not train_uncond_vector:
+    frozen_cond = {k: cond.pop(k) for k in FROZEN_CONDITIONER if k in cond}
+    # The text baseline's unconditional context is the frozen encoding of "": never trained.
+    if not train_uncond_vector or "text" in frozen_cond:
         frozen_cond["uncond_vector"] = cond.pop("uncond_vector")
     trainable = {"unet": params["unet"], "conditioner": cond}
     frozen = {"vae": params["vae"], "conditioner": frozen_cond}

@@ -21,7 +21,6 @@ from sketchcomp_jax.train.loss import diffusion_loss
 from sketchcomp_jax.train.state import TrainState, merge_params
 
 log = logging.getLogger(__name__)
-BATCH_KEYS = ("gt", "keep_mask", "sketch", "reference")
 
 
 def make_step_fn(nets: Networks, model_config: ModelConfig, tx: optax.GradientTransformation,
@@ -72,17 +71,22 @@ def state_shardings_for(abstract_state: TrainState, mesh: Mesh, strategy: str, m
     return param_shardings(abstract_state, mesh, strategy, min_size)
 
 
-def compile_step(step_fn, abstract_state: TrainState, mesh: Mesh, global_batch_shapes: dict[str, tuple],
-                 strategy: str = "dp", fsdp_min_size: int = 2**14) -> CompiledStep:
-    """AOT-compiles `step_fn` for the mesh: `jax.jit(...).lower(...).compile()`. Logs FLOPs and memory."""
+def compile_step(step_fn, abstract_state: TrainState, mesh: Mesh,
+                 global_batch_shapes: dict[str, tuple | jax.ShapeDtypeStruct], strategy: str = "dp",
+                 fsdp_min_size: int = 2**14) -> CompiledStep:
+    """AOT-compiles `step_fn` for the mesh: `jax.jit(...).lower(...).compile()`. Logs FLOPs and memory.
+
+    `global_batch_shapes`: per batch key a shape (float32) or a `jax.ShapeDtypeStruct` (e.g. int32 tokens)."""
     state_sh = state_shardings_for(abstract_state, mesh, strategy, fsdp_min_size)
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
     batch_shardings = {k: batch_sh for k in global_batch_shapes}
     metrics_sh = NamedSharding(mesh, P())
     jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, metrics_sh),
                      donate_argnums=(0,))
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh)
-                      for k, shape in global_batch_shapes.items()}
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(getattr(spec, "shape", spec), getattr(spec, "dtype", jnp.float32), sharding=batch_sh)
+        for k, spec in global_batch_shapes.items()
+    }
     abstract_state = jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sh
     )

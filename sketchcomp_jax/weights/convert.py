@@ -68,8 +68,7 @@ def abstract_params(config: ModelConfig) -> dict[str, Any]:
         # The VAE is built at a tiny spatial size: its parameter shapes do not depend on the input size.
         size = 2 * config.vae.downsample_factor
         vae = nets.vae.init(rng, jnp.zeros((1, size, size, config.vae.in_channels)))["params"]
-        clip = config.clip
-        cond = nets.conditioner.init(rng, jnp.zeros((1, clip.image_size, clip.image_size, clip.num_channels)))["params"]
+        cond = nets.conditioner.init(rng, config.dummy_conditioning_input())["params"]
         return {"unet": unet, "vae": vae, "conditioner": cond}
 
     return jax.eval_shape(init)

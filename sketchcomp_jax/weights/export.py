@@ -712,6 +712,11 @@ def export_model(
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     _dtype(dtype)
+    if config.conditioning != "example":
+        raise ExportError(
+            "this model is the text-conditioned Paint-by-T+S baseline: export writes Paint-by-Example / Paint-by-Sketch "
+            "layouts only; evaluate or sample it here (launch/evaluate.py, launch/sample.py --prompt)"
+        )
     if include_ema and ema is None:
         raise ExportError("model has no EMA weights; drop --include_ema (or export a training run that kept an EMA)")
     use_ema = ema if include_ema else None
@@ -781,11 +786,10 @@ def _write_diffusers(config: ModelConfig, params, out: pathlib.Path, dtype: str,
 
 
 def load_params_from_workdir(workdir: str | os.PathLike, step: int | None = None):
-    """Hook for `--workdir`: `(ModelConfig, params, EmaWeights | None, global_step)` of a training run.
+    """`--workdir`: `(ModelConfig, params, EmaWeights | None, global_step)` of a training run.
 
-    Training checkpoints live in `WORKDIR/checkpoints/` (Orbax, one sub-directory per step). Reading them
-    is wired up together with the trainer (`sketchcomp_jax.train.checkpointing`); until then this raises
-    `TrainingCheckpointsUnavailableError` with a message saying what exists.
+    Training checkpoints live in `WORKDIR/checkpoints/` (Orbax, one sub-directory per step; the latest unless
+    `step` is given). Raises `TrainingCheckpointsUnavailableError` when there are none, naming what exists.
     """
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():

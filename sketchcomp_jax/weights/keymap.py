@@ -253,11 +253,9 @@ def vae_entries(config: ModelConfig) -> list[KeyEntry]:
     return list(_expand("vae", mods))
 
 
-def conditioner_entries(config: ModelConfig) -> list[KeyEntry]:
-    """CLIP vision tower, mapper, final LN, proj_out and the unconditional vector."""
-    c = CLIP_PREFIX
-    d = "model.vision_model."
-    clip: FlaxPath = ("conditioner", "clip")
+def _clip_vision_modules(clip_config, ldm_prefix: str, diffusers_prefix: str, flax_root: FlaxPath) -> list[_Module]:
+    """A transformers `CLIPVisionModel`'s tensors (`<prefix>embeddings…`, `encoder.layers.{i}…`, …)."""
+    c, d, clip = ldm_prefix, diffusers_prefix, flax_root
     mods = [
         _Module(f"{c}embeddings.class_embedding", f"{d}embeddings.class_embedding", clip + ("class_embedding",), "param"),
         _Module(f"{c}embeddings.patch_embedding", f"{d}embeddings.patch_embedding", clip + ("patch_embedding",), "conv_nobias"),
@@ -268,7 +266,7 @@ def conditioner_entries(config: ModelConfig) -> list[KeyEntry]:
         _Module(f"{c}pre_layrnorm", f"{d}pre_layrnorm", clip + ("pre_layrnorm",), "norm"),
         _Module(f"{c}post_layernorm", f"{d}post_layernorm", clip + ("post_layernorm",), "norm"),
     ]
-    for i in range(config.clip.num_hidden_layers):
+    for i in range(clip_config.num_hidden_layers):
         lc, ld, lf = f"{c}encoder.layers.{i}", f"{d}encoder.layers.{i}", clip + (f"layers_{i}",)
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             mods.append(_Module(f"{lc}.self_attn.{proj}", f"{ld}.self_attn.{proj}", lf + (proj,), "linear"))
@@ -276,6 +274,18 @@ def conditioner_entries(config: ModelConfig) -> list[KeyEntry]:
         mods.append(_Module(f"{lc}.layer_norm2", f"{ld}.layer_norm2", lf + ("layer_norm2",), "norm"))
         mods.append(_Module(f"{lc}.mlp.fc1", f"{ld}.mlp.fc1", lf + ("fc1",), "linear"))
         mods.append(_Module(f"{lc}.mlp.fc2", f"{ld}.mlp.fc2", lf + ("fc2",), "linear"))
+    return mods
+
+
+def clip_vision_entries(clip_config, prefix: str = "vision_model.", flax_root: FlaxPath = ("clip",)) -> list[KeyEntry]:
+    """Entries of a stand-alone transformers CLIP vision tower (`CLIPModel` / `CLIPVisionModel` keys under
+    `prefix`), for loading a CLIP used as a metric; both the LDM and diffusers names are `prefix…`."""
+    return list(_expand("clip", _clip_vision_modules(clip_config, prefix, prefix, flax_root)))
+
+
+def conditioner_entries(config: ModelConfig) -> list[KeyEntry]:
+    """CLIP vision tower, mapper, final LN, proj_out and the unconditional vector."""
+    mods = _clip_vision_modules(config.clip, CLIP_PREFIX, "model.vision_model.", ("conditioner", "clip"))
     root: FlaxPath = ("conditioner",)
     for i in range(config.mapper.layers):
         lm, ld, lf = f"{MAPPER_PREFIX}{i}", f"mapper.blocks.{i}", root + (f"mapper_{i}",)

@@ -5,6 +5,7 @@ Layout::
     DIR/config.json   ModelConfig.to_dict() (format "sketchcomp-jax-model", every hyper-parameter named)
     DIR/params/       Orbax checkpoint of {'unet', 'vae', 'conditioner'} float32 params
     DIR/source.json   where the weights came from (path, format, channel surgery) — informational
+    DIR/tokenizer/    text baseline only: the CLIP tokenizer (vocab.json, merges.txt) its tags go through
 """
 from __future__ import annotations
 
@@ -25,11 +26,17 @@ class LoadedModel(NamedTuple):
     params: dict[str, Any]
 
 
+TOKENIZER_DIR = "tokenizer"
+
+
 def save_model_dir(out_dir: str | os.PathLike, config: ModelConfig, params: dict[str, Any], source: dict | None = None,
-                   overwrite: bool = False) -> pathlib.Path:
+                   overwrite: bool = False, tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Writes `config.json` + Orbax params to `out_dir` (created). Refuses to overwrite an existing
     model directory unless `overwrite=True`; writes to a temporary sibling first so a failed write
-    never leaves a half-written directory in place."""
+    never leaves a half-written directory in place. A text-conditioned model needs its `tokenizer_dir`,
+    which is copied in."""
+    if config.conditioning == "text" and tokenizer_dir is None:
+        raise ValueError("a text-conditioned model directory needs its CLIP tokenizer folder (tokenizer_dir)")
     import orbax.checkpoint as ocp
 
     out = pathlib.Path(out_dir).absolute()
@@ -49,6 +56,8 @@ def save_model_dir(out_dir: str | os.PathLike, config: ModelConfig, params: dict
         ckptr.wait_until_finished()
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     (tmp / "source.json").write_text(json.dumps(source or {}, indent=2, default=str) + "\n")
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -91,3 +100,15 @@ def load_model(model_dir: str | os.PathLike, shardings: Any = None) -> LoadedMod
         except (ValueError, KeyError) as e:
             raise ValueError(f"params in {params_dir} do not match its config.json: {e}") from None
     return LoadedModel(config, params)
+
+
+def model_tokenizer_dir(model_dir: str | os.PathLike, config: ModelConfig | None = None) -> pathlib.Path | None:
+    """The CLIP tokenizer of a text-conditioned model directory (or training work directory); None for the
+    reference-conditioned models. Raises FileNotFoundError when a text model's tokenizer is missing."""
+    config = config or load_config(model_dir)
+    if config.conditioning != "text":
+        return None
+    folder = pathlib.Path(model_dir) / TOKENIZER_DIR
+    if not (folder / "vocab.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is a text-conditioned model but has no {TOKENIZER_DIR}/vocab.json")
+    return folder

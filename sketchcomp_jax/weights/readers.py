@@ -1131,3 +1131,21 @@ def read_diffusers_folder(path: str | os.PathLike) -> dict[str, dict]:
     if (path / "model_index.json").is_file():
         out["model_index"] = _read_json(path / "model_index.json")
     return out
+
+
+def read_transformers_folder(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """A transformers / diffusers model folder (`config.json` + weights) → (config dict, state dict), torch-free.
+
+    The weights may be `model.safetensors`, `pytorch_model.bin`, a sharded `*.index.json` or a variant, as in
+    `read_diffusers_folder`. Raises `CheckpointNotFoundError` or `DiffusersFolderError` naming what is missing.
+    """
+    folder = _require_exists(path)
+    if not folder.is_dir():
+        raise DiffusersFolderError(f"{folder}: a file, not a model folder with config.json and weights")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise DiffusersFolderError(f"{folder}: missing config.json; is this a transformers model folder?")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{config_path}: not a JSON object")
+    return config, _component_weights(folder)

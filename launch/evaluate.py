@@ -1,0 +1,72 @@
+"""Evaluate a model on a prepared dataset's test split (the paper's Table 1 protocol and more).
+
+    python launch/evaluate.py --model models/pbs --data data/danbooru --split test --num 1000 --out results.json \
+        [--inception_weights pt_inception-2015-12-05-6726825d.pth] [--clip_weights clip-vit-base-patch32/] \
+        [--pidinet_weights table5_pidinet.pth]
+    python launch/evaluate.py --samples generated/ --data data/danbooru --num 1000 --out results.json   # score only
+
+See docs/evaluate.md for every flag and what each metric means.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Model directory (launch/convert.py output, or a run exported with launch/export.py).")
+flags.DEFINE_string("data", None, "Prepared dataset directory (launch/prepare_data.py).", required=True)
+flags.DEFINE_string("split", "test", "Dataset split.")
+flags.DEFINE_integer("num", 0, "Number of records (the first N of the split); 0 = all.")
+flags.DEFINE_string("out", None, "Results JSON path (a .md table is written beside it).", required=True)
+flags.DEFINE_string("samples", None, "Folder of result PNGs named <record id>.png: cache for generated images "
+                    "(resumable) or images made elsewhere to score. Default: <out stem>_samples/ beside --out.")
+flags.DEFINE_integer("batch_size", 4, "Images generated per batch.")
+flags.DEFINE_integer("seed", 0, "Seed of the initial noise and posterior samples (per record).")
+flags.DEFINE_integer("data_seed", 0, "Seed of the fixed per-record evaluation masks.")
+flags.DEFINE_enum("sampler", "plms", ["plms", "ddim", "dpmpp"], "Sampler.")
+flags.DEFINE_integer("steps", 50, "Sampling steps.")
+flags.DEFINE_float("guidance_scale", 5.0, "Classifier-free guidance scale.")
+flags.DEFINE_float("sketch_drop_after", 1.0, "Sketch plug-and-drop fraction (1.0 = sketch at every step).")
+flags.DEFINE_float("drop_value", 0.0, "Value of the dropped sketch channels (0.0 as the original; -1 = no edge).")
+flags.DEFINE_enum("vae_encode", "sample", ["sample", "mean"], "Masked-image latent: posterior sample or mean.")
+flags.DEFINE_float("edge_tolerance", 2.0, "Sketch-fidelity match distance in pixels.")
+flags.DEFINE_string("inception_weights", None, "FID Inception weights (pt_inception-2015-12-05-6726825d.pth); enables FID.")
+flags.DEFINE_string("clip_weights", None, "transformers CLIP folder for CLIP-I / CLIP-FD (default: the model's own CLIP tower).")
+flags.DEFINE_string("pidinet_weights", None, "PiDiNet weights for re-extracting edges on PiDiNet datasets.")
+flags.DEFINE_bool("export_inputs", False, "Also write each record's image/mask/sketch/reference PNGs to <samples>/inputs/.")
+
+
+def main(argv):
+    del argv
+    from sketchcomp_jax.eval.evaluate import EvalSettings, evaluate
+    from sketchcomp_jax.weights.errors import CheckpointError
+
+    if not FLAGS.model and not FLAGS.samples:
+        print("evaluate.py: error: give --model (to generate) and/or --samples (images to score)", file=sys.stderr)
+        return 2
+    settings = EvalSettings(
+        split=FLAGS.split, num=FLAGS.num, batch_size=FLAGS.batch_size, seed=FLAGS.seed, sampler=FLAGS.sampler,
+        steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale, sketch_drop_after=FLAGS.sketch_drop_after,
+        drop_value=FLAGS.drop_value, vae_encode=FLAGS.vae_encode, edge_tolerance=FLAGS.edge_tolerance,
+        data_seed=FLAGS.data_seed,
+    )
+    try:
+        results = evaluate(
+            FLAGS.data, FLAGS.out, model_dir=FLAGS.model, samples_dir=FLAGS.samples, settings=settings,
+            inception_weights=FLAGS.inception_weights, clip_weights=FLAGS.clip_weights,
+            pidinet_weights=FLAGS.pidinet_weights, export_inputs=FLAGS.export_inputs,
+        )
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    print(open(os.path.splitext(FLAGS.out)[0] + ".md").read())
+    print(f"wrote {FLAGS.out} ({results['num_images']} images, {results['generated_now']} generated now)")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

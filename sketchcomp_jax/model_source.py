@@ -1,0 +1,129 @@
+"""One entry point for "the model" in user-facing tools: a model directory *or* a training work directory.
+
+The notebook and the web UI take a single path. It may be
+
+* a **model directory** (`launch/convert.py` output, or `workdir_to_model_dir` below): `DIR/config.json`
+  + `DIR/params/`;
+* a **training work directory** (`launch/train.py --workdir W`): `W/model_config.json` + `W/checkpoints/<step>/`.
+  The latest step is used unless `step` is given; the raw (not EMA) weights unless `use_ema=True`
+  (the EMA of a short run is still close to its initialisation).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from typing import Any, NamedTuple
+
+from sketchcomp_jax.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class ModelSource(NamedTuple):
+    config: ModelConfig
+    params: dict[str, Any]
+    description: str  # e.g. "model directory runs/m" or "training run runs/demo, step 300"
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    p = pathlib.Path(path)
+    return (p / "config.json").is_file() and (p / "params").is_dir()
+
+
+def is_training_workdir(path: str | os.PathLike) -> bool:
+    p = pathlib.Path(path)
+    return (p / "model_config.json").is_file() and (p / "checkpoints").is_dir()
+
+
+def _not_a_model(path: pathlib.Path) -> ValueError:
+    return ValueError(
+        f"{path} is neither a model directory (config.json + params/, made by launch/convert.py) nor a "
+        "training work directory (model_config.json + checkpoints/, made by launch/train.py); "
+        "point it at one of those, e.g. train the demo with "
+        "`python launch/train.py --config=configs/demo.py --workdir runs/demo`"
+    )
+
+
+def load_model_source(path: str | os.PathLike, step: int | None = None, use_ema: bool = False) -> ModelSource:
+    """(ModelConfig, params, description) from a model directory or a training work directory.
+
+    Raises FileNotFoundError for a missing path, ValueError for a folder that is neither kind, or for
+    `step`/`use_ema` given with a model directory (they only apply to training runs).
+    """
+    p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model not found: {p}; give a model directory (launch/convert.py --out) or a training work "
+            "directory (launch/train.py --workdir)"
+        )
+    if is_model_dir(p):
+        if step is not None or use_ema:
+            raise ValueError(f"{p} is a model directory: step/use_ema only apply to a training work directory")
+        from sketchcomp_jax.weights.model_dir import load_model
+
+        config, params = load_model(p)
+        return ModelSource(config, params, f"model directory {p}")
+    if is_training_workdir(p):
+        from sketchcomp_jax.weights.export import ExportError, load_params_from_workdir
+
+        try:
+            config, params, ema, global_step = load_params_from_workdir(p, step)
+        except ExportError as e:
+            raise ValueError(str(e)) from None
+        if use_ema:
+            if ema is None:
+                raise ValueError(f"training run {p} kept no EMA weights (config.ema_decay was 0): drop use_ema")
+            params = {**params, "unet": ema.unet}
+        kind = "EMA weights" if use_ema else "weights"
+        return ModelSource(config, params, f"training run {p}, step {global_step} ({kind})")
+    raise _not_a_model(p)
+
+
+def is_text_conditioned(config: ModelConfig) -> bool:
+    """True for the text+sketch baseline (prompt instead of a reference image)."""
+    return getattr(config, "conditioning", "example") == "text"
+
+
+def require_reference_model(config: ModelConfig, description: str) -> None:
+    """The notebook and the web UI take a reference image: refuse the text-conditioned baseline clearly."""
+    if is_text_conditioned(config):
+        raise ValueError(
+            f"{description} is the text-conditioned baseline (a prompt instead of a reference image); the "
+            "notebook and the web UI need a reference-conditioned model (Paint-by-Example / Paint-by-Sketch)"
+        )
+
+
+def open_pipeline(path: str | os.PathLike, step: int | None = None, use_ema: bool = False):
+    """A ready `SketchCompositionPipeline` from a model directory or a training work directory."""
+    from sketchcomp_jax.pipeline import SketchCompositionPipeline
+
+    config, params, description = load_model_source(path, step, use_ema)
+    log.info("loaded %s", description)
+    if is_text_conditioned(config):
+        # The text baseline also needs its tokenizer, which `from_pretrained` finds in a model directory.
+        if not is_model_dir(path) or step is not None or use_ema:
+            raise ValueError(f"{description}: a text-conditioned model opens from a model directory only "
+                             "(export the run with `workdir_to_model_dir` first)")
+        return SketchCompositionPipeline.from_pretrained(path)
+    return SketchCompositionPipeline(config, params)
+
+
+def workdir_to_model_dir(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    step: int | None = None,
+    use_ema: bool = False,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Saves a training run's weights as a model directory (what `launch/sample.py --model` reads)."""
+    from sketchcomp_jax.weights.model_dir import save_model_dir
+
+    if not is_training_workdir(workdir):
+        raise ValueError(
+            f"{workdir} is not a training work directory (expected model_config.json and checkpoints/ written "
+            "by launch/train.py)"
+        )
+    config, params, description = load_model_source(workdir, step, use_ema)
+    source = {"format": "training-workdir", "path": str(pathlib.Path(workdir).absolute()), "description": description}
+    return save_model_dir(out, config, params, source, overwrite=overwrite)
