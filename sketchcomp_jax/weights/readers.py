@@ -1114,15 +1114,9 @@ def read_diffusers_folder(path: str | os.PathLike) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for comp in DIFFUSERS_COMPONENTS:
         folder = path / comp
-        if not folder.is_dir():
-            continue
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise DiffusersFolderError(f"{folder}: missing config.json; the download is incomplete")
-        config = _read_json(config_path)
-        if not isinstance(config, dict):
-            raise CorruptCheckpointError(f"{config_path}: not a JSON object")
-        out[comp] = {"config": config, "state_dict": _component_weights(folder)}
+        if folder.is_dir():
+            config, state_dict = read_transformers_folder(folder)
+            out[comp] = {"config": config, "state_dict": state_dict}
     if not out:
         raise DiffusersFolderError(
             f"{path}: none of the subfolders {', '.join(c + '/' for c in DIFFUSERS_COMPONENTS)} exists; not a "
@@ -1144,7 +1138,7 @@ def read_transformers_folder(path: str | os.PathLike) -> tuple[dict, dict[str, n
         raise DiffusersFolderError(f"{folder}: a file, not a model folder with config.json and weights")
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise DiffusersFolderError(f"{folder}: missing config.json; is this a transformers model folder?")
+        raise DiffusersFolderError(f"{folder}: missing config.json; not a model folder, or the download is incomplete")
     config = _read_json(config_path)
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"{config_path}: not a JSON object")
