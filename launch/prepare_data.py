@@ -16,7 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "Folder of images (searched recursively; jpg/jpeg/png/webp/bmp).")
@@ -40,7 +42,7 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.INFO)
+    configure_cli_logging(FLAGS.library_logs)
     from sketchcomp_jax.data import records
 
     try:

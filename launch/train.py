@@ -12,8 +12,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
+
 from ml_collections import config_flags  # noqa: E402
+
+from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -23,7 +26,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.INFO)
+    configure_cli_logging(FLAGS.library_logs)
     from sketchcomp_jax.train.loop import TrainingDiverged, train
 
     try:
