@@ -18,6 +18,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from absl import app, flags  # noqa: E402
 
+from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "runs/demo", "Model directory or training work directory (launch/train.py --workdir).")
 flags.DEFINE_integer("step", None, "Training step to load (training work directory only; default: the latest).")
@@ -31,6 +33,7 @@ flags.DEFINE_integer("steps", 50, "Default number of steps in the UI.")
 
 def main(argv):
     del argv
+    configure_cli_logging(FLAGS.library_logs)
     from sketchcomp_jax.app.ui import Settings, launch
 
     try:

@@ -14,6 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model directory made by launch/convert.py.", required=True)
 flags.DEFINE_string("fixtures", "../shared/fixtures", "Folder with unet_io.npz, vae_io.npz, cond_io.npz.")
@@ -22,6 +24,7 @@ flags.DEFINE_float("rel_tol", 1e-4, "Allowed max |ours − golden| / max |golden
 
 def main(argv):
     del argv
+    configure_cli_logging(FLAGS.library_logs)
     from sketchcomp_jax.weights.golden import compare_with_goldens
     from sketchcomp_jax.weights.model_dir import load_model
 

@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "LDM .ckpt, LDM-layout .safetensors, or a diffusers Paint-by-Example folder.", required=True)
 flags.DEFINE_string("out", None, "Output model directory (config.json + Orbax params).", required=True)
@@ -27,6 +29,7 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out direc
 
 def main(argv):
     del argv
+    configure_cli_logging(FLAGS.library_logs)
     from sketchcomp_jax.models.unet import count_params
     from sketchcomp_jax.weights.errors import CheckpointError
     from sketchcomp_jax.weights.model_dir import save_model_dir

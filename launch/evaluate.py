@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model directory (launch/convert.py output, or a run exported with launch/export.py).")
 flags.DEFINE_string("data", None, "Prepared dataset directory (launch/prepare_data.py).", required=True)
@@ -42,6 +44,7 @@ flags.DEFINE_bool("export_inputs", False, "Also write each record's image/mask/s
 
 def main(argv):
     del argv
+    configure_cli_logging(FLAGS.library_logs)
     from sketchcomp_jax.eval.evaluate import EvalSettings, evaluate
     from sketchcomp_jax.weights.errors import CheckpointError
 

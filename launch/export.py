@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model directory (launch/convert.py output). Exclusive with --workdir.")
 flags.DEFINE_string("workdir", None, "Training work directory (reads WORKDIR/checkpoints). Exclusive with --model.")
@@ -28,6 +30,7 @@ flags.DEFINE_bool("overwrite", False, "Replace existing output files / folder.")
 
 def main(argv):
     del argv
+    configure_cli_logging(FLAGS.library_logs)
     from sketchcomp_jax.weights.errors import CheckpointError
     from sketchcomp_jax.weights.export import export
 

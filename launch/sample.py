@@ -12,6 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model directory (launch/convert.py output) or training work directory.",
                     required=True)
@@ -39,6 +41,7 @@ flags.DEFINE_bool("grid", False, "Also write OUT_grid.png with all samples side 
 
 def main(argv):
     del argv
+    configure_cli_logging(FLAGS.library_logs)
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
