@@ -16,7 +16,6 @@ them (`<|startoftext|> ... <|endoftext|>` then padding; see `models.clip_tokeniz
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -24,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sketchcomp_jax.models.clip_vision import CLIPEncoderLayer
+from sketchcomp_jax.models.clip_vision import CLIPEncoderLayer, read_config_json
 from sketchcomp_jax.models.layers import ACTIVATIONS, LayerNorm
 
 Dtype = Any
@@ -85,16 +84,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "CLIPTextConfig":
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"CLIP text config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"CLIP text config {path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"CLIP text config {path} must hold a JSON object, got {type(raw).__name__}")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path, "CLIP text config"))
 
 
 def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:

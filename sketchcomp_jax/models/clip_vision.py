@@ -61,14 +61,22 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "CLIPVisionConfig":
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"CLIP config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"CLIP config {path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path, "CLIP config"))
+
+
+def read_config_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A transformers-style `config.json` as a dict; `what` names the file in the errors (a missing file, bad
+    JSON, or JSON that is not an object)."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 class CLIPEncoderLayer(nn.Module):
