@@ -40,6 +40,7 @@ import numpy as np
 
 from sketchcomp_jax.models.clip_text import CLIPTextConfig
 from sketchcomp_jax.weights.errors import CheckpointError
+from sketchcomp_jax.weights.key_check import key_listing, shape_mismatches
 
 __all__ = [
     "TEXT_PREFIXES",
@@ -107,10 +108,6 @@ def text_key_map(config: CLIPTextConfig) -> list[TextKey]:
     return keys
 
 
-def _fmt(keys: list[str], limit: int = 10) -> str:
-    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def split_text_state_dict(sd: Mapping[str, Any], *, source: str = "state dict") -> tuple[dict[str, Any], str]:
     """Finds the text encoder in `sd` and returns (its tensors with the prefix removed, the prefix).
 
@@ -125,11 +122,11 @@ def split_text_state_dict(sd: Mapping[str, Any], *, source: str = "state dict") 
                 log.info("%s: CLIP text encoder under %r; %d other tensors ignored", source, prefix, ignored)
             return inner, prefix
     near = [k for k in sd if k.endswith(_ANCHOR)]
-    hint = f" It has {_fmt(near, 3)}, under a prefix not supported." if near else ""
+    hint = f" It has {key_listing(near, 3)}, under a prefix not supported." if near else ""
     raise TextEncoderCheckpointError(
         f"{source}: no CLIP text encoder found: expected a key '<prefix>{_ANCHOR}' with prefix one of "
         f"{', '.join(repr(p) for p in TEXT_PREFIXES)} (transformers CLIPTextModel / LDM FrozenCLIPEmbedder "
-        f"layout; OpenCLIP's layout, as in SD 2, is not supported).{hint} First keys: {_fmt(sorted(sd), 5)}"
+        f"layout; OpenCLIP's layout, as in SD 2, is not supported).{hint} First keys: {key_listing(sorted(sd), 5)}"
     )
 
 
@@ -203,16 +200,12 @@ def text_params_from_state_dict(
     unexpected = sorted(prefix + k for k in inner if k not in expected)
     problems = []
     if missing:
-        problems.append(f"missing keys: {_fmt(missing)}")
+        problems.append(f"missing keys: {key_listing(missing, 10)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_fmt(unexpected)}")
-    bad = [
-        f"{prefix}{e.torch_key}: {tuple(np.shape(inner[e.torch_key]))} (expected {e.torch_shape})"
-        for e in entries
-        if e.torch_key in inner and tuple(np.shape(inner[e.torch_key])) != e.torch_shape
-    ]
+        problems.append(f"unexpected keys: {key_listing(unexpected, 10)}")
+    bad = shape_mismatches(inner, {e.torch_key: e.torch_shape for e in entries}, prefix)
     if bad:
-        problems.append(f"wrong shapes: {_fmt(bad, 6)}")
+        problems.append(f"wrong shapes: {key_listing(bad, 6)}")
     if problems:
         raise TextEncoderCheckpointError(
             f"{source}: not a CLIP text encoder matching the config (vocab {cfg.vocab_size}, hidden "
@@ -274,7 +267,7 @@ def text_params_to_state_dict(
     if missing or unexpected:
         raise TextEncoderCheckpointError(
             "Flax params do not match the CLIP text config: "
-            + "; ".join(s for s in (missing and f"missing {_fmt(missing)}", unexpected and f"unexpected {_fmt(unexpected)}") if s)
+            + "; ".join(s for s in (missing and f"missing {key_listing(missing, 10)}", unexpected and f"unexpected {key_listing(unexpected, 10)}") if s)
         )
     if include_position_ids:
         out[prefix + "embeddings.position_ids"] = np.arange(config.max_position_embeddings, dtype=np.int64)[None]

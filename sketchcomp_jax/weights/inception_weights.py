@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sketchcomp_jax.weights.errors import CheckpointError
+from sketchcomp_jax.weights.key_check import key_listing, key_set_problems, shape_mismatches
 
 __all__ = [
     "FID_CHECKPOINT_NAME",
@@ -106,11 +107,6 @@ def expected_inception_shapes() -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _fmt(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def _hint(unexpected: list[str]) -> str:
     if any(k.startswith("AuxLogits.") for k in unexpected):
         return (
@@ -128,34 +124,22 @@ def _hint(unexpected: list[str]) -> str:
 def _check(sd: Mapping[str, Any], source: str) -> None:
     expected = expected_inception_shapes()
     present = {k for k in sd if not is_ignored_inception_key(k)}
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_fmt(unexpected)}")
+    problems = key_set_problems(expected, present)
+    if problems:
         raise InceptionCheckpointError(
-            f"{source}: not the FID Inception-V3 checkpoint; " + "; ".join(parts) + "." + _hint(unexpected)
+            f"{source}: not the FID Inception-V3 checkpoint; " + "; ".join(problems) + "."
+            + _hint(sorted(present - set(expected)))
         )
-    bad = [
-        f"{k}: {tuple(np.shape(sd[k]))} (expected {shape})"
-        for k, shape in expected.items()
-        if tuple(np.shape(sd[k])) != shape
-    ]
+    bad = shape_mismatches(sd, expected)
     if bad:
         raise InceptionCheckpointError(
-            f"{source}: FID Inception-V3 state dict with wrong tensor shapes: "
-            + "; ".join(bad[:8])
-            + (f"; ... ({len(bad)} in all)" if len(bad) > 8 else "")
-            + "."
+            f"{source}: FID Inception-V3 state dict with wrong tensor shapes: " + key_listing(bad, 8, "; ") + "."
             + _hint([])
         )
     # kind "V": the ml_dtypes floats (bfloat16, float8) that the reader returns for such re-saves.
     non_float = sorted(k for k in expected if np.asarray(sd[k]).dtype.kind not in "fV")
     if non_float:
-        raise InceptionCheckpointError(f"{source}: non-floating-point tensors for {_fmt(non_float)}")
+        raise InceptionCheckpointError(f"{source}: non-floating-point tensors for {key_listing(non_float)}")
 
 
 def inception_variables_from_state_dict(sd: Mapping[str, Any], *, source: str = "state dict") -> dict:

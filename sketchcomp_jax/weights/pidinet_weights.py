@@ -33,6 +33,7 @@ import numpy as np
 
 from sketchcomp_jax.models.pidinet import CARV4_PDCS
 from sketchcomp_jax.weights.errors import CheckpointError
+from sketchcomp_jax.weights.key_check import key_listing, key_set_problems, shape_mismatches
 
 __all__ = [
     "PidinetCheckpointError",
@@ -141,31 +142,17 @@ def expected_pidinet_shapes(
 
 def _check_keys(sd: Mapping[str, Any], converted: bool, source: str) -> None:
     expected = expected_pidinet_shapes(converted)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        def fmt(keys: list[str]) -> str:
-            shown = ", ".join(keys[:12])
-            return shown + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {fmt(unexpected)}")
+    problems = key_set_problems(expected, sd)
+    if problems:
         raise PidinetCheckpointError(
             f"{source}: not a PiDiNet carv4 checkpoint (pidinet --config carv4 --sa --dil, e.g. "
-            f"table5_pidinet.pth); " + "; ".join(parts)
+            f"table5_pidinet.pth); " + "; ".join(problems)
         )
-    bad = [
-        f"{k}: {tuple(np.shape(sd[k]))} (expected {shape})"
-        for k, shape in expected.items()
-        if tuple(np.shape(sd[k])) != shape
-    ]
+    bad = shape_mismatches(sd, expected)
     if bad:
         raise PidinetCheckpointError(
             f"{source}: PiDiNet carv4 state dict with wrong tensor shapes ({'converted' if converted else 'unconverted'} "
-            f"layout expected): " + "; ".join(bad[:8]) + (f"; ... ({len(bad)} in all)" if len(bad) > 8 else "")
+            f"layout expected): " + key_listing(bad, 8, "; ")
         )
 
 
