@@ -54,25 +54,25 @@ def _fit(mask: np.ndarray, size: tuple[int, int], what: str) -> np.ndarray:
     return np.asarray(resized) >= 128
 
 
-def mask_from_layer(layer: Any, size: tuple[int, int] | None = None) -> Image.Image | None:
-    """Mask picture (mode L, 255 = fill) from a painted layer, or None when nothing is painted.
-    `size`: (W, H) of the source image (default: the layer's own size)."""
+def _painted_picture(layer: Any, size: tuple[int, int] | None, what: str) -> Image.Image | None:
+    """Mode-L picture, 255 where painted and 0 elsewhere, fitted to `size` (W, H); None when nothing is painted."""
     paint = painted_pixels(layer)
     if size is not None:
-        paint = _fit(paint, size, "mask")
+        paint = _fit(paint, size, what)
     if not paint.any():
         return None
     return Image.fromarray(np.where(paint, 255, 0).astype(np.uint8), "L")
+
+
+def mask_from_layer(layer: Any, size: tuple[int, int] | None = None) -> Image.Image | None:
+    """Mask picture (mode L, 255 = fill) from a painted layer, or None when nothing is painted.
+    `size`: (W, H) of the source image (default: the layer's own size)."""
+    return _painted_picture(layer, size, "mask")
 
 
 def sketch_from_layer(layer: Any, size: tuple[int, int] | None = None) -> Image.Image | None:
     """Sketch picture (mode L, white strokes on black) from a painted layer, or None when it is empty."""
-    paint = painted_pixels(layer)
-    if size is not None:
-        paint = _fit(paint, size, "sketch")
-    if not paint.any():
-        return None
-    return Image.fromarray(np.where(paint, 255, 0).astype(np.uint8), "L")
+    return _painted_picture(layer, size, "sketch")
 
 
 def decode_data_url(url: str | None, what: str = "image") -> Image.Image | None:
