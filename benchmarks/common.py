@@ -1,8 +1,21 @@
 """Shared pieces of the benchmarks: timing, and the "bench-sd" U-Net of ../shared/DESIGN.md."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
+
+
+def print_result(benchmark: str, unit: str, ours: float, anchor: float, anchor_name: str, *,
+                 lower_is_better: bool = True, digits: int | None = None, speedup_digits: int | None = 3) -> None:
+    """The last line of every benchmark (docs/benchmarks.md): one JSON object whose `speedup` > 1 means we are
+    better: anchor/ours for times and bytes (`lower_is_better`), ours/anchor for throughputs. `digits` rounds
+    ours/anchor, `speedup_digits` the ratio (None: as computed)."""
+    speedup = anchor / ours if lower_is_better else ours / anchor
+    shown = (lambda v: v) if digits is None else (lambda v: round(v, digits))
+    print(json.dumps({"benchmark": benchmark, "unit": unit, "ours": shown(ours), "anchor": shown(anchor),
+                      "anchor_name": anchor_name,
+                      "speedup": speedup if speedup_digits is None else round(speedup, speedup_digits)}))
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:

@@ -34,7 +34,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
 
 import argparse  # noqa: E402
 import io  # noqa: E402
-import json  # noqa: E402
 import pathlib  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
@@ -43,6 +42,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import print_result  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
           "stereo_motorcycle", "retina")
@@ -296,11 +297,9 @@ def main() -> None:
             l2 = loader_throughput(data_dir, 2, batches)
             print(f"  grain loader, batch 4: 0 workers {l0:.2f} samples/s, 2 workers {l2:.2f} samples/s "
                   f"(on {os.cpu_count()} cores)")
-    print(json.dumps({
-        "benchmark": "data_pipeline_sample", "unit": "samples/s", "ours": round(ours, 3), "anchor": round(anchor, 3),
-        "anchor_name": "original danbooru.py recipe, torch-free: PIL + OpenCV (albumentations 0.4.3 ops) + bezier + scipy, 1 thread",
-        "speedup": round(ours / anchor, 3),
-    }))
+    print_result("data_pipeline_sample", "samples/s", ours, anchor,
+                 "original danbooru.py recipe, torch-free: PIL + OpenCV (albumentations 0.4.3 ops) + bezier + scipy, "
+                 "1 thread", lower_is_better=False, digits=3)
 
 
 if __name__ == "__main__":

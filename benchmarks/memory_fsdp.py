@@ -16,7 +16,6 @@ so this is the figure that shows what remat saves.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,8 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import print_result  # noqa: E402
 
 GIB = 2**30
 
@@ -102,8 +103,7 @@ def main() -> None:
           f"{saved[False] / GIB:.2f} GiB without")
     anchor = 16 * GIB
     print(f"{resolution}², {per_device} images/device, {n} devices, remat={args.remat}, compute {args.dtype}")
-    print(json.dumps({"benchmark": "memory_fsdp", "unit": "bytes", "ours": results["fsdp"], "anchor": anchor,
-                      "anchor_name": "16 GiB HBM of one TPU v5e chip", "speedup": round(anchor / results["fsdp"], 3)}))
+    print_result("memory_fsdp", "bytes", results["fsdp"], anchor, "16 GiB HBM of one TPU v5e chip")
 
 
 if __name__ == "__main__":

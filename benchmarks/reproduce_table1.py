@@ -31,6 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import print_result  # noqa: E402
+
 METHODS = [("paint_by_e", "Paint-by-E"), ("paint_by_t_s", "Paint-by-T+S"), ("paint_by_e_s", "Paint-by-E+S")]
 REPORTED = [("l1", "L1 (whole)", 4), ("l2", "L2 (whole)", 4), ("l1_hole", "L1 (hole)", 4), ("l2_hole", "L2 (hole)", 4),
             ("sketch_f1", "sketch F1", 3), ("sketch_chamfer", "sketch chamfer (px)", 2), ("clip_i", "CLIP-I", 2),
@@ -201,8 +203,7 @@ def main() -> None:
     if args.results_md:
         pathlib.Path(args.results_md).write_text(text)
     es, e = table["Paint-by-E+S"]["l1_hole"]["mean"], table["Paint-by-E"]["l1_hole"]["mean"]
-    print(json.dumps({"benchmark": "reproduce_table1", "unit": "L1_hole", "ours": es, "anchor": e,
-                      "anchor_name": "Paint-by-E", "speedup": e / es}))
+    print_result("reproduce_table1", "L1_hole", es, e, "Paint-by-E", speedup_digits=None)
 
 
 def _markdown(table, seeds, args, per_run, data_dir, timings: Timings) -> str:

@@ -10,13 +10,12 @@ repeats. Last line: {"benchmark": "sample_plms", "unit": "s", "ours", "anchor", 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_sd_unet, median_time  # noqa: E402
+from benchmarks.common import bench_sd_unet, median_time, print_result  # noqa: E402
 
 
 def main() -> None:
@@ -82,11 +81,8 @@ def main() -> None:
     print(f"  jax (one jitted loop)            median {ours:7.3f} s")
     print(f"  torch eager + PNDMScheduler      median {anchor:7.3f} s")
     print(f"  final latents agree to {rel:.2e} (relative)")
-    print(json.dumps({
-        "benchmark": "sample_plms", "unit": "s", "ours": round(ours, 4), "anchor": round(anchor, 4),
-        "anchor_name": "diffusers UNet2DConditionModel + PNDMScheduler loop, torch eager fp32",
-        "speedup": round(anchor / ours, 3),
-    }))
+    print_result("sample_plms", "s", ours, anchor,
+                 "diffusers UNet2DConditionModel + PNDMScheduler loop, torch eager fp32", digits=4)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ on both sides so the figure compares the trained part). Last line: {"benchmark":
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_sd_unet, median_time  # noqa: E402
+from benchmarks.common import bench_sd_unet, median_time, print_result  # noqa: E402
 
 
 def main() -> None:
@@ -78,9 +77,8 @@ def main() -> None:
     print(f"bench-sd U-Net train step (fwd+bwd+AdamW), batch 2, {size}x{size} latents, fp32, {repeats} repeats")
     print(f"  jax (jit, donated)     median {ours * 1e3:8.1f} ms")
     print(f"  torch eager + AdamW    median {anchor * 1e3:8.1f} ms")
-    print(json.dumps({"benchmark": "train_step", "unit": "s", "ours": round(ours, 5), "anchor": round(anchor, 5),
-                      "anchor_name": "diffusers UNet2DConditionModel + torch.optim.AdamW, eager fp32",
-                      "speedup": round(anchor / ours, 3)}))
+    print_result("train_step", "s", ours, anchor, "diffusers UNet2DConditionModel + torch.optim.AdamW, eager fp32",
+                 digits=5)
 
 
 if __name__ == "__main__":

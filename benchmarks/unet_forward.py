@@ -11,13 +11,12 @@ same number of threads, warm-up excluded. Prints medians, then one JSON line:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_sd_unet, median_time  # noqa: E402
+from benchmarks.common import bench_sd_unet, median_time, print_result  # noqa: E402
 
 
 def main() -> None:
@@ -72,10 +71,7 @@ def main() -> None:
     print(f"  torch eager         median {anchor * 1e3:8.1f} ms")
     if compiled is not None:
         print(f"  torch.compile       median {compiled * 1e3:8.1f} ms   (speedup vs it {compiled / ours:.2f}x)")
-    print(json.dumps({
-        "benchmark": "unet_forward", "unit": "s", "ours": round(ours, 6), "anchor": round(anchor, 6),
-        "anchor_name": "diffusers UNet2DConditionModel, torch eager fp32", "speedup": round(anchor / ours, 3),
-    }))
+    print_result("unet_forward", "s", ours, anchor, "diffusers UNet2DConditionModel, torch eager fp32", digits=6)
 
 
 if __name__ == "__main__":
