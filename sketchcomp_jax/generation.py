@@ -16,7 +16,7 @@ import numpy as np
 
 from sketchcomp_jax.diffusion.inputs import latent_conditioning
 from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
-from sketchcomp_jax.diffusion.schedule import make_schedule
+from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.models.config import ModelConfig, Networks
 from sketchcomp_jax.models.vae import AutoencoderKL, DiagonalGaussian
 
@@ -39,8 +39,7 @@ class BatchGenerator:
         self.guidance_scale = float(guidance_scale)
         self.vae_encode = vae_encode
         self.eta = float(eta)
-        sched = config.schedule
-        acp = make_schedule(sched.beta_schedule, sched.timesteps, sched.linear_start, sched.linear_end)["alphas_cumprod"]
+        acp = schedule_for(config.schedule)["alphas_cumprod"]
         unet = nets.unet
         self._run = make_sampler(
             lambda p, x, t, c: unet.apply({"params": p}, x, t, c), sampler=sampler, num_steps=int(steps),

@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter
 from sketchcomp_jax import imageio
 from sketchcomp_jax.diffusion.inputs import latent_conditioning
 from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
-from sketchcomp_jax.diffusion.schedule import make_schedule
+from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
 from sketchcomp_jax.models.config import ModelConfig, build_networks
 from sketchcomp_jax.models.vae import AutoencoderKL, DiagonalGaussian
@@ -65,10 +65,7 @@ class SketchCompositionPipeline:
         self.tokenizer = tokenizer
         self.params = jax.device_put(params)
         self.nets = build_networks(config, dtype=dtype)
-        sched = config.schedule
-        self.alphas_cumprod = make_schedule(
-            sched.beta_schedule, sched.timesteps, sched.linear_start, sched.linear_end
-        )["alphas_cumprod"]
+        self.alphas_cumprod = schedule_for(config.schedule)["alphas_cumprod"]
         vae, cond = self.nets.vae, self.nets.conditioner
         self._encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode))
         self._decode = jax.jit(

@@ -112,6 +112,12 @@ def make_schedule(
 
 
 @functools.lru_cache(maxsize=1)
+def schedule_for(config) -> dict[str, np.ndarray]:
+    """`make_schedule` for a model's `ScheduleConfig` (its `beta_schedule`, `timesteps`, `linear_start`,
+    `linear_end`): the buffers every consumer of a model (sampling, training, export) must agree on."""
+    return make_schedule(config.beta_schedule, config.timesteps, config.linear_start, config.linear_end)
+
+
 def _default_schedule() -> dict[str, np.ndarray]:
     sched = make_schedule()
     for v in sched.values():

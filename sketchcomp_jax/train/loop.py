@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sketchcomp_jax.diffusion.schedule import make_schedule
+from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.generation import BatchGenerator
 from sketchcomp_jax.models.config import ModelConfig, build_networks
 from sketchcomp_jax.parallel.mesh import initialize_distributed, make_mesh
@@ -104,9 +104,7 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[st
              model_config.resolution)
     nets = build_networks(model_config, dtype=_dtype(cfg.compute_dtype), remat=bool(cfg.remat))
     tx = make_optimizer(cfg)
-    acp = jnp.asarray(make_schedule(model_config.schedule.beta_schedule, model_config.schedule.timesteps,
-                                    model_config.schedule.linear_start,
-                                    model_config.schedule.linear_end)["alphas_cumprod"])
+    acp = jnp.asarray(schedule_for(model_config.schedule)["alphas_cumprod"])
     gather = NamedSharding(mesh, P()) if cfg.mesh.strategy == "fsdp" else None
     step_fn = make_step_fn(nets, model_config, tx, acp, int(cfg.seed), float(cfg.uncond_prob),
                            bool(cfg.per_sample_uncond), float(cfg.ema_decay or 0.9999), gather)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from sketchcomp_jax.diffusion.schedule import make_schedule
+from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.models.config import ModelConfig
 from sketchcomp_jax.weights.convert import _get_path, flax_to_torch
 from sketchcomp_jax.weights.errors import CheckpointError
@@ -233,8 +233,7 @@ def ldm_state_dict(
         put(key, flax_to_torch(entry, value, entry.ldm_ndim))
 
     put_entry("learnable_vector")
-    sched = config.schedule
-    buffers = make_schedule(sched.beta_schedule, sched.timesteps, sched.linear_start, sched.linear_end)
+    buffers = schedule_for(config.schedule)
     for name, value in buffers.items():
         put(name, value)
     unet_keys = [k for k in weights if k.startswith(UNET_PREFIX)]
