@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from sketchcomp_jax.eval import metrics as M
+from sketchcomp_jax.imageio import hole_bbox
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def evaluate(
             per_image.append(row)
             results01.append(result01)
             gts01.append(gt01)
-            box = _hole_box(keep)
+            box = hole_bbox(keep, pad=0)
             hole_crops.append(result[box[1]:box[3], box[0]:box[2]] if box else result)
             references01.append(_reference01(np.asarray(batch["reference"][j])))
         _sketch_scores(extractor, per_image[-len(ids):], results01[-len(ids):], gts01[-len(ids):],
@@ -320,12 +321,6 @@ def _clip_encoder(clip_weights, model):
         return model_clip_encoder(model[0], model[1])
     log.warning("no CLIP image encoder (give --clip_weights): CLIP-I and CLIP-FD are skipped")
     return None
-
-
-def _hole_box(keep_mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    from sketchcomp_jax.imageio import hole_bbox
-
-    return hole_bbox(keep_mask, pad=0)
 
 
 def _sketch_scores(extractor: _SketchExtractor, rows, results01, gts01, batch, tolerance: float) -> None:
