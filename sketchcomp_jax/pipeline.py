@@ -54,6 +54,17 @@ class CompositionResult:
     references: list[Image.Image]  # the reference used for each round (self-reference adds rounds)
 
 
+def load_tokenizer(model_dir: str | os.PathLike, config: ModelConfig):
+    """The CLIP tokenizer a text-conditioned model (the Paint-by-T+S baseline) keeps beside its weights; None
+    for a reference-conditioned model."""
+    if config.conditioning != "text":
+        return None
+    from sketchcomp_jax.models.clip_tokenizer import CLIPTokenizer
+    from sketchcomp_jax.weights.model_dir import model_tokenizer_dir
+
+    return CLIPTokenizer.from_folder(model_tokenizer_dir(model_dir, config))
+
+
 class SketchCompositionPipeline:
     """Load once, call many times. Compiled programs are cached per (sampler, steps, drop step, batch)."""
 
@@ -80,13 +91,7 @@ class SketchCompositionPipeline:
         from sketchcomp_jax.model_source import load_model_source
 
         config, params, _ = load_model_source(model_dir)
-        tokenizer = None
-        if config.conditioning == "text":
-            from sketchcomp_jax.models.clip_tokenizer import CLIPTokenizer
-            from sketchcomp_jax.weights.model_dir import model_tokenizer_dir
-
-            tokenizer = CLIPTokenizer.from_folder(model_tokenizer_dir(model_dir, config))
-        return cls(config, params, dtype, tokenizer)
+        return cls(config, params, dtype, load_tokenizer(model_dir, config))
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(
