@@ -96,17 +96,15 @@ def require_reference_model(config: ModelConfig, description: str) -> None:
 
 def open_pipeline(path: str | os.PathLike, step: int | None = None, use_ema: bool = False):
     """A ready `SketchCompositionPipeline` from a model directory or a training work directory."""
-    from sketchcomp_jax.pipeline import SketchCompositionPipeline
+    from sketchcomp_jax.pipeline import SketchCompositionPipeline, load_tokenizer
 
     config, params, description = load_model_source(path, step, use_ema)
     log.info("loaded %s", description)
-    if is_text_conditioned(config):
-        # The text baseline also needs its tokenizer, which `from_pretrained` finds in a model directory.
-        if not is_model_dir(path) or step is not None or use_ema:
-            raise ValueError(f"{description}: a text-conditioned model opens from a model directory only "
-                             "(export the run with `workdir_to_model_dir` first)")
-        return SketchCompositionPipeline.from_pretrained(path)
-    return SketchCompositionPipeline(config, params)
+    if is_text_conditioned(config) and (not is_model_dir(path) or step is not None or use_ema):
+        # The text baseline also needs its tokenizer, which a model directory keeps beside the weights.
+        raise ValueError(f"{description}: a text-conditioned model opens from a model directory only "
+                         "(export the run with `workdir_to_model_dir` first)")
+    return SketchCompositionPipeline(config, params, tokenizer=load_tokenizer(path, config))
 
 
 def workdir_to_model_dir(
@@ -117,7 +115,7 @@ def workdir_to_model_dir(
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Saves a training run's weights as a model directory (what `launch/sample.py --model` reads)."""
-    from sketchcomp_jax.weights.model_dir import save_model_dir
+    from sketchcomp_jax.weights.model_dir import model_tokenizer_dir, save_model_dir
 
     if not is_training_workdir(workdir):
         raise ValueError(
@@ -126,4 +124,6 @@ def workdir_to_model_dir(
         )
     config, params, description = load_model_source(workdir, step, use_ema)
     source = {"format": "training-workdir", "path": str(pathlib.Path(workdir).absolute()), "description": description}
-    return save_model_dir(out, config, params, source, overwrite=overwrite)
+    # A text-conditioned run keeps its tokenizer in the work directory; the model directory gets a copy.
+    return save_model_dir(out, config, params, source, overwrite=overwrite,
+                          tokenizer_dir=model_tokenizer_dir(workdir, config))
