@@ -71,6 +71,16 @@ class BatchGenerator:
         cond = SamplingCond(cfg.scale_factor * z, mask_lat, sketch_lat, context, uncond)
         return x_T, cond
 
+    def images(self, params: Mapping[str, Any], inputs: Mapping[str, jax.Array], keys: jax.Array,
+               rng: jax.Array | None = None) -> jax.Array:
+        """The whole generation as one traceable function, for callers that jit it with their own shardings
+        (the training loop's sample grids over the mesh). `inputs`: the batch arrays `__call__` reads; `keys`
+        (B, 2): per-sample keys `fold_in(PRNGKey(seed), id)`; `rng`: the η > 0 key → (B, R, R, 3) in [0, 1]."""
+        x_T, cond = self._prepare_impl(params, inputs, keys)
+        latents = self._run(params["unet"], x_T, cond, jnp.float32(self.guidance_scale), rng)
+        decoded = self._decode(params["vae"], latents).astype(jnp.float32)
+        return jnp.clip((decoded + 1.0) / 2.0, 0.0, 1.0)
+
     def __call__(self, params: Mapping[str, Any], batch: Mapping[str, Any], sample_ids: Sequence[int],
                  seed: int = 0) -> np.ndarray:
         ids = np.asarray(sample_ids, np.uint32)

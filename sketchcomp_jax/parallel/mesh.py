@@ -93,3 +93,56 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     jax.distributed.initialize(**kwargs)
     log.info("distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-process helpers. Every process must call each of these at the same point of the program
+# (they run collectives); with one process they cost nothing.
+# --------------------------------------------------------------------------------------------------
+
+
+def barrier(name: str) -> None:
+    """Blocks until every process has reached the barrier `name` (e.g. after process 0 made the data set)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def all_processes(ok: bool) -> bool:
+    """True iff `ok` is true on every process (a blocking all-gather of one integer per process)."""
+    if jax.process_count() == 1:
+        return bool(ok)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(int(bool(ok)), np.int32))))
+
+
+def replicate(mesh: Mesh, tree):
+    """Host numpy arrays that are identical on every process → fully replicated global `jax.Array`s on `mesh`
+    (each process fills only its own devices, so this works on any number of hosts)."""
+    sharding = NamedSharding(mesh, P())
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+class AnyProcess:
+    """`any_process.start(flag)` dispatches, without waiting, an OR of a per-process boolean over all
+    processes; the returned replicated scalar is read later (`bool(result)`), so a flag checked every step
+    costs one tiny collective and no host↔device synchronisation beyond the previous step's."""
+
+    def __init__(self, mesh: Mesh):
+        self._devices = list(mesh.devices.flat)
+        self._sharding = NamedSharding(Mesh(np.asarray(self._devices), ("all",)), P("all"))
+        self._replicated = NamedSharding(self._sharding.mesh, P())
+        self._max = jax.jit(lambda x: x.max(), out_shardings=self._replicated)
+
+    def start(self, flag: bool) -> jax.Array:
+        value = np.asarray([int(bool(flag))], np.int32)
+        shards = [jax.device_put(value, d) for d in self._devices if d.process_index == jax.process_index()]
+        x = jax.make_array_from_single_device_arrays((len(self._devices),), self._sharding, shards)
+        return self._max(x)

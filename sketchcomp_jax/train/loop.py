@@ -2,7 +2,9 @@
 
 Resumes automatically from the latest checkpoint in `workdir`. Randomness depends only on
 (seed, step) and the data iterator is checkpointed with the state, so a resumed run reproduces an
-uninterrupted one step by step. SIGTERM/SIGINT → save and exit cleanly.
+uninterrupted one step by step. SIGTERM/SIGINT (to any one process) → every process saves the same step
+and exits cleanly. Multi-host: every process runs this same function; the eval loss and the sample grid
+are collectives all processes take part in, and only process 0 writes files.
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.generation import BatchGenerator
 from sketchcomp_jax.models.config import ModelConfig, build_networks
-from sketchcomp_jax.parallel.mesh import initialize_distributed, make_mesh
+from sketchcomp_jax.parallel.mesh import barrier, initialize_distributed, make_mesh
 from sketchcomp_jax.train.checkpointing import Checkpointer, PreemptionFlag, config_to_json
 from sketchcomp_jax.train.init import initial_model, text_tokenizer_dir
 from sketchcomp_jax.train.metrics_writer import MetricsWriter
-from sketchcomp_jax.train.loss import diffusion_loss
-from sketchcomp_jax.train.state import TrainState, create_train_state, learning_rate_schedule, make_optimizer, merge_params
+from sketchcomp_jax.train.monitors import EvalLoss, SampleGrid, save_png
+from sketchcomp_jax.train.state import create_train_state, learning_rate_schedule, make_optimizer
 from sketchcomp_jax.train.step import compile_step, make_step_fn
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,14 @@ def _ensure_data(cfg) -> str:
     data_dir = cfg.data.dir
     if not data_dir:
         raise ValueError("config.data.dir is empty: pass --config.data.dir=DATASET (made by launch/prepare_data.py)")
-    if cfg.data.synthetic_images and jax.process_index() == 0:
-        write_synthetic_dataset(data_dir, int(cfg.data.synthetic_images), seed=int(cfg.seed))
+    if cfg.data.synthetic_images:
+        # Process 0 makes the set while the others wait; a process that then does not see it (hosts with
+        # their own local disks) makes its own copy (deterministic, and idempotent on a shared file system).
+        if jax.process_index() == 0:
+            write_synthetic_dataset(data_dir, int(cfg.data.synthetic_images), seed=int(cfg.seed))
+        barrier("sketchcomp: synthetic data set written")
+        if jax.process_index() != 0:
+            write_synthetic_dataset(data_dir, int(cfg.data.synthetic_images), seed=int(cfg.seed))
     if not pathlib.Path(data_dir).exists():
         raise FileNotFoundError(f"dataset not found: {data_dir} (make it with launch/prepare_data.py)")
     return data_dir
@@ -121,8 +129,11 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[st
     abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                       jax.eval_shape(lambda: state), compiled.state_shardings)
     if start is not None:
+        start, restored = ckpt.restore_latest_good(abstract, data_iter)
+    if start is not None:
         log.info("resuming from step %d in %s", start, ckpt.directory)
-        state = ckpt.restore(start, abstract, data_iter)
+        state = restored
+        del restored
     else:
         start = 0
         state = jax.device_put(state, compiled.state_shardings)
@@ -135,9 +146,8 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[st
     writer = MetricsWriter(workdir_path, enabled=jax.process_index() == 0)
     writer.truncate_after(start)
     lr_of = learning_rate_schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.get("warmup_f_start", 1e-6))
-    flag = PreemptionFlag()
-    eval_batch = None
-    sampler = None
+    flag = PreemptionFlag(mesh)
+    eval_loss = sample_grid = sample_batch = None
     stop_reason = "finished"
     last = {}
     from sketchcomp_jax.data.pipeline import to_global_batch
@@ -154,46 +164,41 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[st
             state, metrics = compiled.fn(state, batch)
             step += 1
             window.append(metrics)
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
-                fetched = jax.device_get(window)
-                seconds_per_step = (time.time() - window_start) / len(fetched)
+            # Agreed by all processes at this step boundary, so all of them save this step and leave together.
+            preempted = flag.should_stop() or ckpt.reached_preemption(step)
+            saving = step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted
+            # Rows are written before every save: metrics.jsonl always covers the latest checkpoint.
+            if step % cfg.log_every == 0 or saving:
+                rows = _window_rows(window, step, time.time() - window_start, cfg, compiled, lr_of, ckpt)
                 window, window_start = [], time.time()
-                throughput = _throughput(seconds_per_step, int(cfg.batch_size), compiled.flops,
-                                         float(cfg.get("peak_flops_per_device", 0.0)))
-                rows = []
-                for offset, m in enumerate(fetched):
-                    s = step - len(fetched) + offset + 1
-                    row = {"step": s, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                           "lr": float(lr_of(jnp.asarray(s - 1))), "uncond_fraction": float(m["uncond_fraction"]), **throughput}
-                    if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
-                        raise TrainingDiverged(
-                            f"loss became {row['loss']} at step {s}; stopping without saving. The last good "
-                            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower the learning "
-                            "rate or enable gradient clipping (--config.optim.grad_clip_norm=1.0)"
-                        )
-                    last = row
-                    rows.append(row)
                 writer.write(rows)
+                last = rows[-1]
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             bar.update(1)
-            preempted = flag.requested or ckpt.reached_preemption(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted:
+            if not preempted and cfg.eval_every and step % cfg.eval_every == 0:
+                if eval_loss is None:
+                    eval_loss = EvalLoss(nets, model_config, acp, mesh, compiled.state_shardings,
+                                         compiled.batch_sharding, gather)
+                writer.write([{"step": step, "eval_loss": _eval_loss(cfg, model_config, eval_loss, state,
+                                                                     compiled.batch_sharding)}])
+            if not preempted and cfg.sample_every and step % cfg.sample_every == 0:
+                if sample_grid is None:  # every process: the same (possibly short) first test batch
+                    sample_batch = next(iter(_loader(cfg, model_config, "test", eval_mode=True, epochs=1,
+                                                     shard_index=0, shard_count=1, drop_remainder=False)))
+                    generator = BatchGenerator(model_config, nets, sampler="plms", steps=int(cfg.sample_steps),
+                                               guidance_scale=float(cfg.sample_guidance), vae_encode="mean")
+                    sample_grid = SampleGrid(generator, model_config, mesh, compiled.state_shardings, gather)
+                grid = sample_grid(state, sample_batch)
+                if jax.process_index() == 0:
+                    save_png(workdir_path / "samples" / f"step_{step:07d}.png", grid)
+                    writer.image("samples", grid, step)
+            if saving:
                 ckpt.save(step, state, data_iter, config_json, force=True)
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                loss = _eval_loss(cfg, model_config, nets, state, acp, mesh, compiled.batch_sharding)
-                writer.write([{"step": step, "eval_loss": loss}])
-            if cfg.sample_every and step % cfg.sample_every == 0 and jax.process_index() == 0:
-                if eval_batch is None:  # only this process samples: the whole (possibly short) first test batch
-                    eval_batch = next(iter(_loader(cfg, model_config, "test", eval_mode=True, epochs=1,
-                                                   shard_index=0, shard_count=1, drop_remainder=False)))
-                if sampler is None:
-                    sampler = BatchGenerator(model_config, nets, sampler="plms", steps=int(cfg.sample_steps),
-                                             guidance_scale=float(cfg.sample_guidance), vae_encode="mean")
-                grid = _sample_grid(sampler, model_config, state, eval_batch)
-                _save_png(workdir_path / "samples" / f"step_{step:07d}.png", grid)
-                writer.image("samples", grid, step)
+                writer.flush()
             if preempted:
                 stop_reason = "preempted"
+                log.warning("preempted: saved step %d in %s; re-run the same command to resume", step,
+                            ckpt.directory)
                 break
         bar.close()
     finally:
@@ -216,55 +221,39 @@ def _throughput(seconds_per_step: float, batch_size: int, flops_per_device_step:
     return out
 
 
-def _eval_loss(cfg, model_config, nets, state: TrainState, acp, mesh, batch_sharding) -> float:
-    """Mean ε-MSE over `eval_batches` batches of the test split with fixed masks and noise."""
+def _window_rows(window: list[dict], step: int, seconds: float, cfg, compiled, lr_of, ckpt) -> list[dict]:
+    """metrics.jsonl rows for the steps in `window` (ending at `step`); raises TrainingDiverged on a
+    non-finite loss. The step metrics are replicated, so every process can read them."""
+    fetched = jax.device_get(window)
+    throughput = _throughput(seconds / len(fetched), int(cfg.batch_size), compiled.flops,
+                             float(cfg.get("peak_flops_per_device", 0.0)))
+    rows = []
+    for offset, m in enumerate(fetched):
+        s = step - len(fetched) + offset + 1
+        row = {"step": s, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+               "lr": float(lr_of(jnp.asarray(s - 1))), "uncond_fraction": float(m["uncond_fraction"]), **throughput}
+        if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+            raise TrainingDiverged(
+                f"loss became {row['loss']} at step {s}; stopping without saving. The last good "
+                f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower the learning "
+                "rate or enable gradient clipping (--config.optim.grad_clip_norm=1.0)"
+            )
+        rows.append(row)
+    return rows
+
+
+def _eval_loss(cfg, model_config: ModelConfig, eval_loss: EvalLoss, state, batch_sharding) -> float:
+    """Mean ε-MSE over `eval_batches` global batches of the test split (each process reads its shard)."""
     from sketchcomp_jax.data.pipeline import to_global_batch
 
-    @jax.jit
-    def loss_of(trainable, frozen, batch, key):
-        return diffusion_loss(merge_params(trainable, frozen), batch, key, nets, model_config, acp, 0.0)[0]
-
-    losses = []
     try:
         loader = _loader(cfg, model_config, "test", eval_mode=True, epochs=1)
     except ValueError as e:  # e.g. a test split smaller than one global batch
         log.warning("eval loss skipped: %s", e)
         return float("nan")
+    batches = []
     for i, batch in enumerate(loader):
         if i >= cfg.eval_batches:
             break
-        losses.append(float(loss_of(state.trainable, state.frozen,
-                                    to_global_batch(_model_inputs(batch, model_config), batch_sharding),
-                                    jax.random.PRNGKey(1000 + i))))
-    return float(np.mean(losses)) if losses else float("nan")
-
-
-def _sample_grid(sampler: BatchGenerator, model_config: ModelConfig, state: TrainState, batch) -> np.ndarray:
-    """(H, W, 3) uint8: rows of source | mask | sketch | reference | result for the first images of a test
-    batch (PLMS with guidance; the masked image's posterior mean, fixed noise: comparable across steps)."""
-    from PIL import Image
-
-    from sketchcomp_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
-
-    params = jax.device_get(merge_params(state.trainable, state.frozen))
-    n = min(4, batch["gt"].shape[0])
-    small = {k: np.asarray(v[:n]) for k, v in batch.items() if isinstance(v, np.ndarray)}
-    result = sampler(params, small, list(range(n)), seed=0)
-    r = model_config.resolution
-    to01 = lambda a: np.clip((np.asarray(a) + 1) / 2, 0, 1)  # noqa: E731
-    if "reference" in small:
-        ref01 = np.clip(small["reference"] * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN), 0, 1)
-        ref01 = np.stack([np.asarray(Image.fromarray((x * 255).astype(np.uint8)).resize((r, r))) / 255.0
-                          for x in ref01])
-    else:  # the text baseline has no reference picture
-        ref01 = np.full((n, r, r, 3), 0.5)
-    columns = [to01(small["gt"]), np.repeat(small["keep_mask"], 3, -1), to01(small["sketch"]), ref01, result]
-    grid = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
-    return (grid * 255).astype(np.uint8)
-
-
-def _save_png(path: pathlib.Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+        batches.append(to_global_batch(_model_inputs(batch, model_config), batch_sharding))
+    return eval_loss(state, batches)

@@ -39,9 +39,24 @@ class MetricsWriter:
         """Drops rows after `step` (they belong to steps a resumed run will redo)."""
         if not self.enabled or not self.jsonl_path.exists():
             return
-        rows = [line for line in self.jsonl_path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
-        self.jsonl_path.write_text("".join(r + "\n" for r in kept))
+        kept = []
+        lines = self.jsonl_path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:  # a line torn by a kill mid-write (the last one) or a damaged file
+                where = "its last line" if number == len(lines) else f"line {number}"
+                log.warning("%s: dropped %s, which is not valid JSON (%s; a run killed while writing it)",
+                            self.jsonl_path, where, e)
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line)
+        # Write a sibling then rename: a kill during the rewrite leaves the old file or the new one, never half.
+        tmp = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in kept))
+        tmp.replace(self.jsonl_path)
 
     def write(self, rows: list[Mapping[str, Any]]) -> None:
         if not self.enabled or not rows:
@@ -62,6 +77,7 @@ class MetricsWriter:
             self._tb.add_image(name, np.asarray(image_hwc_uint8), step, dataformats="HWC")
 
     def flush(self) -> None:
+        """Makes TensorBoard events durable (metrics.jsonl rows are on disk as soon as `write` returns)."""
         if self._tb is not None:
             self._tb.flush()
 
