@@ -16,6 +16,7 @@ import pathlib
 from typing import Any, NamedTuple
 
 from sketchcomp_jax.models.config import ModelConfig
+from sketchcomp_jax.paths import absolute, as_path, expand
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,12 @@ class ModelSource(NamedTuple):
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
-    p = pathlib.Path(path)
+    p = as_path(path)
     return (p / "config.json").is_file() and (p / "params").is_dir()
 
 
 def is_training_workdir(path: str | os.PathLike) -> bool:
-    p = pathlib.Path(path)
+    p = as_path(path)
     return (p / "model_config.json").is_file() and (p / "checkpoints").is_dir()
 
 
@@ -45,13 +46,20 @@ def _not_a_model(path: pathlib.Path) -> ValueError:
     )
 
 
-def load_model_source(path: str | os.PathLike, step: int | None = None, use_ema: bool = False) -> ModelSource:
+def load_model_source(path: str | os.PathLike, step: int | None = None, use_ema: bool = False,
+                      sharding: Any = None) -> ModelSource:
     """(ModelConfig, params, description) from a model directory or a training work directory.
 
-    Raises FileNotFoundError for a missing path, ValueError for a folder that is neither kind, or for
-    `step`/`use_ema` given with a model directory (they only apply to training runs).
+    A training run's checkpoint is read parameters-only (`train/param_restore.py`): the U-Net, VAE and
+    conditioner (the EMA U-Net instead of the raw one with `use_ema`), never the optimizer state.
+    `sharding` (a `jax.sharding.Sharding`, e.g. replicated over a mesh) lays every leaf out on the devices
+    the caller runs on; None gives host numpy arrays for a training run and the first local device for a
+    model directory (as `weights.model_dir.load_model`).
+
+    Raises FileNotFoundError for a missing path, ValueError for a folder that is neither kind, for a run
+    without checkpoints or the asked step, or for `step`/`use_ema` given with a model directory.
     """
-    p = pathlib.Path(path).expanduser()
+    p = expand(path)  # local or gs://
     if not p.exists():
         raise FileNotFoundError(
             f"model not found: {p}; give a model directory (launch/convert.py --out) or a training work "
@@ -60,21 +68,27 @@ def load_model_source(path: str | os.PathLike, step: int | None = None, use_ema:
     if is_model_dir(p):
         if step is not None or use_ema:
             raise ValueError(f"{p} is a model directory: step/use_ema only apply to a training work directory")
-        from sketchcomp_jax.weights.model_dir import load_model
+        from sketchcomp_jax.weights.model_dir import load_config, load_model
 
-        config, params = load_model(p)
+        shardings = None
+        if sharding is not None:
+            import jax
+
+            from sketchcomp_jax.weights.convert import abstract_params
+
+            shardings = jax.tree_util.tree_map(lambda _: sharding, abstract_params(load_config(p)))
+        config, params = load_model(p, shardings)
         return ModelSource(config, params, f"model directory {p}")
     if is_training_workdir(p):
-        from sketchcomp_jax.weights.export import ExportError, load_params_from_workdir
+        from sketchcomp_jax.train.param_restore import load_training_params, saved_steps
 
-        try:
-            config, params, ema, global_step = load_params_from_workdir(p, step)
-        except ExportError as e:
-            raise ValueError(str(e)) from None
-        if use_ema:
-            if ema is None:
-                raise ValueError(f"training run {p} kept no EMA weights (config.ema_decay was 0): drop use_ema")
-            params = {**params, "unet": ema.unet}
+        steps = saved_steps(p)
+        if not steps:
+            raise ValueError(f"training run {p} has no checkpoints yet ({p / 'checkpoints'} holds no step)")
+        if step is not None and step not in steps:
+            raise ValueError(f"step {step} not found in {p / 'checkpoints'}; available steps: {steps}")
+        config, params, _, global_step = load_training_params(
+            p, steps[-1] if step is None else step, ema="use" if use_ema else "none", sharding=sharding)
         kind = "EMA weights" if use_ema else "weights"
         return ModelSource(config, params, f"training run {p}, step {global_step} ({kind})")
     raise _not_a_model(p)
@@ -123,7 +137,7 @@ def workdir_to_model_dir(
             "by launch/train.py)"
         )
     config, params, description = load_model_source(workdir, step, use_ema)
-    source = {"format": "training-workdir", "path": str(pathlib.Path(workdir).absolute()), "description": description}
+    source = {"format": "training-workdir", "path": os.fspath(absolute(workdir)), "description": description}
     # A text-conditioned run keeps its tokenizer in the work directory; the model directory gets a copy.
     return save_model_dir(out, config, params, source, overwrite=overwrite,
                           tokenizer_dir=model_tokenizer_dir(workdir, config))

@@ -31,8 +31,14 @@ def workdir(tiny_model, tmp_path_factory):
 
     config, params = tiny_model
     state = create_train_state(params, optax.adam(1e-4), use_ema=True)
-    # A recognisable EMA (half the weights) and step, to see which weights are read.
-    state = state.replace(step=jnp.asarray(STEP, jnp.int32), ema=jax.tree_util.tree_map(lambda x: x * 0.5, state.ema))
+    # A recognisable EMA (half the weights) and step, to see which weights are read; non-zero Adam moments
+    # (fresh ones are zeros, which Orbax stores inline in its index rather than as data).
+    rng = np.random.default_rng(0)
+    opt_state = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        state.opt_state)
+    state = state.replace(step=jnp.asarray(STEP, jnp.int32), ema=jax.tree_util.tree_map(lambda x: x * 0.5, state.ema),
+                          opt_state=opt_state)
     wd = tmp_path_factory.mktemp("run")
     (wd / "model_config.json").write_text(json.dumps(config.to_dict()))
     ckpt = Checkpointer(wd, async_save=False)
@@ -100,3 +106,85 @@ def test_front_ends_refuse_the_text_baseline(tiny_model):
     require_reference_model(tiny_model[0], "model directory m")  # a reference-conditioned model passes
     with pytest.raises(ValueError, match="text-conditioned baseline"):
         require_reference_model(types.SimpleNamespace(conditioning="text"), "model directory t")
+
+
+# ---------------------------------------------------------------------------------- parameter-only restores
+
+
+def _corrupt_optimizer_state(state_dir):
+    """Overwrites, in place, the stored bytes of every optimizer-state array (Adam's moments) with garbage.
+
+    Orbax writes the arrays into a few shared OCDBT data files; the OCDBT index (read with tensorstore's
+    `ocdbt.dump`) says where each array chunk's bytes lie (`value::d/<file>:<offset>:<length>`). Returns the
+    number of bytes overwritten."""
+    import tensorstore as ts
+
+    damaged = 0
+    for db in sorted(state_dir.glob("ocdbt.process_*")):
+        kv = ts.KvStore.open(f"file://{db}/").result()
+        version = ts.ocdbt.dump(kv).result()["versions"][-1]
+        assert version["root_height"] == 0, "the tiny model's index is one B-tree node"
+        for entry in ts.ocdbt.dump(kv, version["root"]["location"]).result()["entries"]:
+            if entry["key"].startswith(b"opt_state.") and "indirect_value" in entry:
+                file, offset, length = entry["indirect_value"][len("value::"):].rsplit(":", 2)
+                with open(db / file, "r+b") as f:
+                    f.seek(int(offset))
+                    f.write(b"\xff" * int(length))
+                damaged += int(length)
+    return damaged
+
+
+@pytest.fixture(scope="module")
+def damaged_workdir(workdir, tmp_path_factory):
+    """A copy of `workdir` whose optimizer state is unreadable: proves a restore never reads it."""
+    import shutil
+
+    wd = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(workdir, wd)
+    state_dir = wd / "checkpoints" / str(STEP) / "state"
+    assert _corrupt_optimizer_state(state_dir) > 2 * 4 * 100_000  # ~2x the trainable params' bytes
+    return wd
+
+
+def test_the_damage_is_real(damaged_workdir):
+    """A full restore of the damaged checkpoint (what the tools did before) fails on the optimizer state."""
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckptr, pytest.raises(Exception):
+        ckptr.restore(damaged_workdir / "checkpoints" / str(STEP) / "state")
+
+
+def test_parameter_only_restore_skips_the_optimizer_state(tiny_model, damaged_workdir):
+    from sketchcomp_jax.train.param_restore import load_training_params
+
+    _, params = tiny_model
+    config, loaded, ema, step = load_training_params(damaged_workdir, STEP, ema="unet")
+    assert step == STEP and set(ema) <= {"unet", "num_updates"}  # num_updates: LitEma's counter
+    assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(loaded))  # host memory
+    assert_same_tree(loaded, params)  # bit-identical to the weights that were saved (= a full restore)
+    assert_same_tree(ema["unet"], jax.tree_util.tree_map(lambda x: np.asarray(x) * 0.5, params["unet"]))
+    # Laid out over the 8 devices evaluation runs on instead: replicated, the EMA U-Net in place of the raw one.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    _, sharded, _, _ = load_training_params(damaged_workdir, STEP, ema="use", sharding=replicated)
+    leaf = jax.tree_util.tree_leaves(sharded)[0]
+    assert leaf.sharding == replicated and len(leaf.devices()) == len(jax.devices())
+    assert_same_tree(sharded["unet"], ema["unet"])
+    assert_same_tree(sharded["vae"], params["vae"])
+
+
+def test_tools_work_from_a_run_whose_optimizer_state_is_unreadable(tiny_model, workdir, damaged_workdir, tmp_path):
+    """Sampling (`launch/sample.py` and the app load through `load_model_source`) and export read the damaged
+    run; the export (with EMA) equals the intact run's byte for byte."""
+    from sketchcomp_jax.weights.export import export
+
+    pipe = open_pipeline(damaged_workdir)
+    assert_same_tree(pipe.params, tiny_model[1])
+    image = np.full((64, 64, 3), 128, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    result = pipe(image, mask, None, image, steps=1, sampler="ddim")
+    assert result.images01.shape == (1, 64, 64, 3) and np.isfinite(result.images01).all()
+    damaged = export(tmp_path / "damaged.safetensors", "safetensors", workdir=damaged_workdir, include_ema=True)
+    intact = export(tmp_path / "intact.safetensors", "safetensors", workdir=workdir, include_ema=True)
+    assert damaged[0].read_bytes() == intact[0].read_bytes()
