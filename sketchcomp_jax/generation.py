@@ -27,13 +27,22 @@ class BatchGenerator:
     Sampler settings are fixed per object, so the sampling loop compiles once per batch shape. Each
     sample's initial noise and posterior draw depend only on (seed, its id), not on the batch it is
     in, so results are reproducible across batch sizes and resumed evaluations.
+
+    Data-parallel: with `mesh`, every batch is split over all of the mesh's devices (padded with copies
+    of its last element up to a multiple of `mesh.size`; the padding's images are dropped) and `params`
+    must already be laid out on that mesh (e.g. replicated, `NamedSharding(mesh, P())`). The mesh's
+    devices must be this process's own (`jax.local_devices()`): each host generates its share alone.
     """
 
     def __init__(self, config: ModelConfig, nets: Networks, *, sampler: str = "plms", steps: int = 50,
                  guidance_scale: float = 5.0, sketch_drop_after: float = 1.0, drop_value: float = 0.0,
-                 eta: float = 0.0, vae_encode: str = "sample"):
+                 eta: float = 0.0, vae_encode: str = "sample", mesh: jax.sharding.Mesh | None = None):
         if vae_encode not in ("sample", "mean"):
             raise ValueError(f"vae_encode must be 'sample' or 'mean', got {vae_encode!r}")
+        self.mesh = mesh
+        # The batch axis split over every device of the mesh (all its axes together).
+        self._batch_sharding = (None if mesh is None else
+                                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names)))
         self.config = config
         self.nets = nets
         self.guidance_scale = float(guidance_scale)
@@ -86,11 +95,22 @@ class BatchGenerator:
         ids = np.asarray(sample_ids, np.uint32)
         if ids.shape != (np.asarray(batch["gt"]).shape[0],):
             raise ValueError(f"need one sample id per batch element: {ids.shape} ids for {np.asarray(batch['gt']).shape[0]} images")
+        n = len(ids)
+        names = ("gt", "keep_mask", "sketch", self.config.conditioning_input)
+        arrays = {k: np.asarray(batch[k]) for k in names}
         base = jax.random.PRNGKey(seed)
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids))
-        inputs = {k: jnp.asarray(batch[k]) for k in ("gt", "keep_mask", "sketch", self.config.conditioning_input)}
+        if self._batch_sharding is None:
+            inputs = {k: jnp.asarray(v) for k, v in arrays.items()}
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids))
+        else:
+            pad = -n % self.mesh.size
+            if pad:  # repeat the last element: per-sample keys keep the real samples' results unchanged
+                ids = np.concatenate([ids, np.repeat(ids[-1:], pad)])
+                arrays = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in arrays.items()}
+            inputs = jax.device_put(arrays, self._batch_sharding)
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jax.device_put(ids, self._batch_sharding))
         x_T, cond = self._prepare(params, inputs, keys)
         rng = jax.random.fold_in(base, 2**31 - 1) if self.eta > 0 else None
         latents = self._run(params["unet"], x_T, cond, jnp.float32(self.guidance_scale), rng)
-        decoded = np.asarray(self._decode(params["vae"], latents), np.float32)
+        decoded = np.asarray(self._decode(params["vae"], latents), np.float32)[:n]
         return np.clip((decoded + 1.0) / 2.0, 0.0, 1.0)

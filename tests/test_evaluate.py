@@ -58,10 +58,12 @@ def test_rerun_resumes_from_the_cached_samples(first_run, tiny_model_dir, data_d
 
 
 def test_generation_is_independent_of_the_batch_size(first_run, tiny_model_dir, data_dir, tmp_path):
-    _, results = first_run
-    other = evaluate(data_dir, tmp_path / "b1.json", model_dir=tiny_model_dir,
-                     settings=EvalSettings(**{**SETTINGS.__dict__, "batch_size": 1}), progress=False)
-    for a, b in zip(results["per_image"], other["per_image"]):
+    out, _ = first_run
+    evaluate(data_dir, tmp_path / "b1.json", model_dir=tiny_model_dir,
+             settings=EvalSettings(**{**SETTINGS.__dict__, "batch_size": 1}), progress=False)
+    rows, other_rows = (json.loads(p.read_text())["per_image"] for p in (out, tmp_path / "b1.json"))
+    assert len(rows) == len(other_rows) == 4
+    for a, b in zip(rows, other_rows):
         assert a["id"] == b["id"]
         assert a["l1"] == pytest.approx(b["l1"], abs=2e-3)  # same noise per record; uint8 rounding aside
 
@@ -102,3 +104,103 @@ def test_cli(tiny_model_dir, data_dir, tmp_path):
     bad = subprocess.run([sys.executable, "launch/evaluate.py", f"--data={data_dir}", f"--out={out}"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--model" in bad.stderr
+
+
+# ------------------------------------------------------------------ streaming = the in-memory computation
+
+
+def test_running_statistics_equal_feature_statistics():
+    """Mean/covariance accumulated batch by batch, and merged across two "hosts", equal np.mean/np.cov of all
+    the features at once to float64 rounding (rtol 1e-12; features with a large common offset, where a
+    raw sum-of-squares formula would lose ~8 digits)."""
+    from sketchcomp_jax.eval.fid import RunningStatistics, feature_statistics
+
+    rng = np.random.default_rng(0)
+    feats = 1e3 + rng.normal(size=(37, 6)) @ rng.normal(size=(6, 6))
+    a, b = RunningStatistics(6), RunningStatistics(6)
+    for chunk in np.split(feats[:20], [3, 4, 11]):  # uneven batches, one of a single vector
+        a.update(chunk)
+    b.update(feats[20:])
+    a.merge(b)
+    mu, sigma = feature_statistics(feats)
+    np.testing.assert_allclose(a.statistics()[0], mu, rtol=1e-12)
+    np.testing.assert_allclose(a.statistics()[1], sigma, rtol=1e-9, atol=1e-12 * np.abs(sigma).max())
+
+
+def test_metric_sums_equal_aggregate():
+    from sketchcomp_jax.eval.metrics import MetricSums, aggregate
+
+    rows = [{"l1": 0.1, "chamfer": float("nan")}, {"l1": 0.3, "chamfer": 2.0}, {"l1": 0.2, "chamfer": 4.0},
+            {"l1": 0.25, "only_nan": float("nan")}]
+    sums, other = MetricSums(), MetricSums()
+    for r in rows[:2]:
+        sums.add(r)
+    for r in rows[2:]:
+        other.add(r)
+    sums.merge(other)
+    got, want = sums.means(), aggregate(rows)
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-15, nan_ok=True)
+
+
+def _reference_scores(data_dir, samples, settings, resolution, reference_size, clip):
+    """The evaluation as it was before streaming (kept here as the reference): the old loader, every image
+    in memory, CLIP embeddings of all images at once, `aggregate` of all rows, `fid_from_features`."""
+    from sketchcomp_jax.data.pipeline import make_train_loader
+    from sketchcomp_jax.eval import metrics as M
+    from sketchcomp_jax.eval.evaluate import _reference01, _safe_name, _sketch_scores, _SketchExtractor, _unit
+    from sketchcomp_jax.eval.fid import fid_from_features
+    from sketchcomp_jax.imageio import hole_bbox
+
+    loader = make_train_loader(str(data_dir), split=settings.split, resolution=resolution, reference_size=reference_size,
+                               global_batch_size=settings.batch_size, seed=settings.data_seed, shard_index=0,
+                               shard_count=1, eval_mode=True, num_epochs=1, drop_remainder=False, with_ids=True)
+    extractor = _SketchExtractor("xdog", None)
+    per_image, results01, gts01, holes, refs = [], [], [], [], []
+    for batch in loader:
+        take = min(len(batch["id"]), settings.num - len(per_image))
+        if take <= 0:
+            break
+        batch = {k: v[:take] for k, v in batch.items()}
+        rows = []
+        for j, rid in enumerate(batch["id"]):
+            result = np.asarray(Image.open(Path(samples) / f"{_safe_name(str(rid))}.png").convert("RGB"))
+            r01, g01, keep = result.astype(np.float32) / 255.0, _unit(batch["gt"][j]), np.asarray(batch["keep_mask"][j])
+            rows.append({"id": str(rid), **M.reconstruction_errors(r01, g01, keep)})
+            results01.append(r01)
+            gts01.append(g01)
+            box = hole_bbox(keep, pad=0)
+            holes.append(result[box[1]:box[3], box[0]:box[2]] if box else result)
+            refs.append(_reference01(np.asarray(batch["reference"][j])))
+        _sketch_scores(extractor, rows, results01[-take:], gts01[-take:], batch, settings.edge_tolerance)
+        per_image += rows
+    summary = M.aggregate({k: v for k, v in r.items() if k != "id"} for r in per_image)
+    clip_i = 100.0 * M.cosine_similarity(clip.embed(holes), clip.embed(refs))
+    for row, value in zip(per_image, clip_i):
+        row["clip_i"] = float(value)
+    summary["clip_i"] = float(np.mean(clip_i))
+    summary["clip_fd"] = float(fid_from_features(clip.embed(results01), clip.embed(gts01)))
+    return summary, per_image
+
+
+def test_streaming_results_equal_the_in_memory_reference(first_run, tiny_model, data_dir):
+    """Same inputs (the first run's PNGs), old vs streaming computation: per-image rows and means agree to
+    1e-12 relative (float64 summation order); CLIP-FD to 1e-6 relative (the covariance by running sums
+    instead of np.cov, then a matrix square root of a rank-deficient product, which amplifies rounding)."""
+    from sketchcomp_jax.eval.clip_score import model_clip_encoder
+
+    out, results = first_run
+    saved = json.loads(out.read_text())
+    clip = model_clip_encoder(tiny_model[0], tiny_model[1])
+    summary, rows = _reference_scores(data_dir, saved["samples"], SETTINGS, 64, tiny_model[0].clip.image_size, clip)
+    assert [r["id"] for r in saved["per_image"]] == [r["id"] for r in rows]
+    for got, want in zip(saved["per_image"], rows):
+        assert set(got) == set(want)
+        for k, v in want.items():
+            if k != "id":
+                assert (got[k] is None and np.isnan(v)) or got[k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+    m = saved["metrics"]
+    for k, v in summary.items():
+        tol = 1e-6 if k == "clip_fd" else 1e-12
+        assert m[k] == pytest.approx(v, rel=tol, abs=1e-12, nan_ok=True) or (m[k] is None and np.isnan(v)), k

@@ -19,6 +19,14 @@ Generated images are cached as PNGs in `samples_dir/<record id>.png`: an interru
 and images made elsewhere (e.g. by the original PyTorch code from the inputs written with
 `export_inputs=True`) can be scored by putting them there. Metrics are always computed from the PNGs, so
 fresh and resumed runs give identical numbers.
+
+At scale the evaluation streams: each batch's images are written as they are generated and scored at
+once; only running sums stay in memory (per-metric sums and counts, the mean/covariance accumulators of
+the Inception and CLIP features — `eval/accumulate.py`), and per-image rows go to a JSON-lines file, so
+host memory does not grow with the number of test images. Generation is data-parallel over this
+process's devices (batch split over a mesh, parameters replicated on it); with several JAX processes
+each takes every `process_count`-th batch, writes its partial sums beside `--out`, and process 0 merges
+them into the results (the output folder must be shared by the hosts, e.g. `gs://` or NFS).
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -71,6 +80,7 @@ class EvalSettings:
     vae_encode: str = "sample"
     edge_tolerance: float = 2.0
     data_seed: int = 0  # the eval masks' seed (the data pipeline's `seed`)
+    attention: str | None = None  # attention backend; None = the model's config.attention
 
 
 def _safe_name(record_id: str) -> str:
@@ -92,30 +102,58 @@ def _reference01(reference: np.ndarray) -> np.ndarray:
     return np.clip(reference * np.asarray(CLIP_STD, np.float32) + np.asarray(CLIP_MEAN, np.float32), 0.0, 1.0)
 
 
-def eval_batches(data_dir: str, settings: EvalSettings, resolution: int, reference_size: int,
-                 tokenizer_dir: str | None = None) -> Iterator[dict]:
-    """Batches of the first `settings.num` records of the split with fixed per-record masks (ids included;
-    `tokens` of the tags too when a text model's `tokenizer_dir` is given)."""
-    from sketchcomp_jax.data.pipeline import RecordSource, make_train_loader
+def batch_positions(num: int, batch_size: int, process_index: int = 0, process_count: int = 1) -> list[list[int]]:
+    """Record positions of this process's batches: batch k holds `[k·B, (k+1)·B) ∩ [0, num)` and goes to
+    process `k mod process_count` (record order, so every process gets a near-equal share)."""
+    starts = range(process_index * batch_size, num, process_count * batch_size)
+    return [list(range(a, min(a + batch_size, num))) for a in starts]
 
-    total = len(RecordSource(data_dir, settings.split))
+
+class _Records:
+    """The records at `positions` of a split, as a grain random-access source (the element's `index` stays
+    the record's own, which seeds its fixed evaluation mask)."""
+
+    def __init__(self, source, positions: list[int]):
+        self.source, self.positions = source, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        return self.source[self.positions[i]]
+
+
+def eval_batches(data_dir: str, settings: EvalSettings, resolution: int, reference_size: int,
+                 tokenizer_dir: str | None = None, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """This process's batches of the first `settings.num` records of the split, with fixed per-record masks
+    (ids and record `position`s included; `tokens` of the tags too when a text model's `tokenizer_dir` is
+    given). Decoding runs on grain read threads a couple of batches ahead; nothing else is held."""
+    import grain
+
+    from sketchcomp_jax.data.pipeline import EvalSample, RecordSource, SampleOptions, _tokenizer, collate
+
+    source = RecordSource(data_dir, settings.split)
+    total = len(source)
     num = total if settings.num <= 0 else min(settings.num, total)
     if settings.num > total:
         log.warning("split %r has only %d records (asked for %d)", settings.split, total, settings.num)
-    loader = make_train_loader(
-        data_dir, split=settings.split, resolution=resolution, reference_size=reference_size,
-        global_batch_size=settings.batch_size, seed=settings.data_seed, shard_index=0, shard_count=1,
-        eval_mode=True, num_epochs=1, drop_remainder=False, with_ids=True, tokenizer_dir=tokenizer_dir,
-    )
-    seen = 0
-    for batch in loader:
-        take = min(len(batch["id"]), num - seen)
-        if take <= 0:
-            break
-        yield {k: v[:take] for k, v in batch.items()} | {"position": list(range(seen, seen + take))}
-        seen += take
-        if seen >= num:
-            break
+    if tokenizer_dir is not None:
+        if not source.has_tags:
+            raise ValueError(f"{data_dir} has no tags (prepared without --tags): the text baseline needs them")
+        _tokenizer(os.fspath(tokenizer_dir))  # fail early on a bad folder
+    batches = batch_positions(num, settings.batch_size, process_index, process_count)
+    positions = [i for b in batches for i in b]
+    if not positions:
+        return
+    opts = SampleOptions(resolution=int(resolution), reference_size=int(reference_size), with_tags=source.has_tags,
+                         with_ids=True, tokenizer_dir=None if tokenizer_dir is None else os.fspath(tokenizer_dir))
+    # Batches of this process's records: only the last one of the split can be short, so fixed-size
+    # batching of the concatenated positions reproduces `batches` exactly.
+    ds = (grain.MapDataset.source(_Records(source, positions)).map(EvalSample(opts, settings.data_seed))
+          .batch(settings.batch_size, drop_remainder=False, batch_fn=collate))
+    stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+    for batch, pos in zip(stream, batches):
+        yield batch | {"position": pos}
 
 
 class _SketchExtractor:
@@ -150,23 +188,32 @@ def evaluate(
     export_inputs: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs the protocol; writes `out_path` (JSON) and the same name with `.md` (a table). Returns the results.
+    """Runs the protocol; writes `out_path` (JSON, with every image's row under `per_image`) and the same name
+    with `.md` (a table). Returns the results without `per_image` (read those from the file: they are not
+    kept in memory). With several JAX processes every process must call it; process 0 writes the files.
 
     `model_dir` may be omitted when `samples_dir` already holds every result image (scoring only); the
     resolution is then taken from the images.
     """
+    import jax
+
     from sketchcomp_jax.data.pipeline import RecordSource
+    from sketchcomp_jax.eval.accumulate import EvalAccumulator, finite, merged_rows, write_results
 
     data_dir = os.fspath(data_dir)
     out_path = pathlib.Path(out_path)
     if out_path.suffix != ".json":
         raise ValueError(f"--out must be a .json file, got {out_path}")
+    if settings.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {settings.batch_size}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     samples = pathlib.Path(samples_dir) if samples_dir else out_path.with_suffix("").parent / (out_path.stem + "_samples")
     samples.mkdir(parents=True, exist_ok=True)
     source = RecordSource(data_dir, settings.split)
+    process, processes = jax.process_index(), jax.process_count()
+    mesh = _generation_mesh(settings.batch_size)
 
-    model = _load_model(model_dir) if model_dir else None
+    model = _load_model(model_dir, mesh) if model_dir else None
     resolution, reference_size = _sizes(model, samples)
     tokenizer_dir = None
     if model is not None and model[0].conditioning == "text":
@@ -175,13 +222,18 @@ def evaluate(
         tokenizer_dir = os.fspath(model_tokenizer_dir(model_dir, model[0]))
     generator = None
 
-    per_image: list[dict[str, Any]] = []
-    results01, gts01, hole_crops, references01 = [], [], [], []
+    partial_dir = out_path.with_name(out_path.stem + ".partial")
+    acc = EvalAccumulator(partial_dir / f"rows.{process}.jsonl")
     extractor = _SketchExtractor(source.sketcher, pidinet_weights)
+    inception = None
+    if inception_weights:
+        from sketchcomp_jax.eval.fid import InceptionFeatures, load_inception
+
+        inception = InceptionFeatures(load_inception(inception_weights))
+    clip = _clip_encoder(clip_weights, model)
     n_total = settings.num if settings.num > 0 else len(source)
-    bar = _progress(min(n_total, len(source)), progress)
-    generated = 0
-    for batch in eval_batches(data_dir, settings, resolution, reference_size, tokenizer_dir):
+    bar = _progress(min(n_total, len(source)), progress and process == 0)
+    for batch in eval_batches(data_dir, settings, resolution, reference_size, tokenizer_dir, process, processes):
         ids = [str(i) for i in batch["id"]]
         paths = [samples / f"{_safe_name(i)}.png" for i in ids]
         if export_inputs:
@@ -194,66 +246,97 @@ def evaluate(
                     f"({len(todo)} of this batch's results are missing)"
                 )
             if generator is None:
-                generator = _make_generator(model, settings)
+                generator = _make_generator(model, settings, mesh)
             images01 = generator(model[1], {k: v for k, v in batch.items() if isinstance(v, np.ndarray)},
                                  batch["position"], seed=settings.seed)
-            for j in todo:
+            for j in todo:  # written as soon as generated: an interrupted run resumes from here
                 _atomic_png(paths[j], _to_uint8(images01[j]))
-            generated += len(todo)
-        for j, rid in enumerate(ids):
-            result = np.asarray(Image.open(paths[j]).convert("RGB"))
-            if result.shape[:2] != (resolution, resolution):
-                raise ValueError(f"{paths[j]} is {result.shape[1]}x{result.shape[0]}, expected {resolution}x{resolution}")
-            result01 = result.astype(np.float32) / 255.0
-            gt01 = _unit(batch["gt"][j])
-            keep = np.asarray(batch["keep_mask"][j])
-            row: dict[str, Any] = {"id": rid, **M.reconstruction_errors(result01, gt01, keep)}
-            per_image.append(row)
-            results01.append(result01)
-            gts01.append(gt01)
-            box = hole_bbox(keep, pad=0)
-            hole_crops.append(result[box[1]:box[3], box[0]:box[2]] if box else result)
-            references01.append(_reference01(np.asarray(batch["reference"][j])))
-        _sketch_scores(extractor, per_image[-len(ids):], results01[-len(ids):], gts01[-len(ids):],
-                       batch, settings.edge_tolerance)
+            acc.generated += len(todo)
+        _score_batch(acc, batch, ids, paths, resolution, extractor, settings.edge_tolerance, inception, clip)
         bar.update(len(ids))
     bar.close()
-    if not per_image:
-        raise ValueError(f"no records evaluated: split {settings.split!r} of {data_dir} is empty")
 
-    summary = M.aggregate({k: v for k, v in r.items() if k != "id"} for r in per_image)
     encoders: dict[str, str] = {"sketch": extractor.name}
-    if inception_weights:
-        from sketchcomp_jax.eval.fid import InceptionFeatures, fid_from_features, load_inception
-
-        inception = InceptionFeatures(load_inception(inception_weights))
-        summary["fid"] = float(fid_from_features(inception(np.stack(results01)), inception(np.stack(gts01))))
+    if inception is not None:
         encoders["fid"] = os.fspath(inception_weights)
-    clip = _clip_encoder(clip_weights, model)
     if clip is not None:
-        from sketchcomp_jax.eval.fid import fid_from_features
-
-        emb_hole, emb_ref = clip.embed(hole_crops), clip.embed(references01)
-        clip_i = 100.0 * M.cosine_similarity(emb_hole, emb_ref)
-        for row, value in zip(per_image, clip_i):
-            row["clip_i"] = float(value)
-        summary["clip_i"] = float(np.mean(clip_i))
-        summary["clip_fd"] = float(fid_from_features(clip.embed(results01), clip.embed(gts01)))
         encoders["clip"] = clip.name
-    results = {
-        "model": os.fspath(model_dir) if model_dir else None,
-        "data": data_dir,
-        "samples": os.fspath(samples),
-        "num_images": len(per_image),
-        "generated_now": generated,
-        "settings": dataclasses.asdict(settings),
-        "encoders": encoders,
-        "metrics": summary,
-        "per_image": per_image,
-    }
-    out_path.write_text(json.dumps(_finite(results), indent=2))
-    out_path.with_suffix(".md").write_text(markdown_table({"this run": summary}, results))
-    return results
+    acc.save(partial_dir / f"stats.{process}.npz")
+    head = None
+    if processes > 1:
+        from sketchcomp_jax.parallel.mesh import barrier
+
+        barrier("sketchcomp: evaluation partial sums written")
+    if process == 0:
+        total = EvalAccumulator.load(partial_dir / "stats.0.npz")
+        for p in range(1, processes):
+            total.merge(EvalAccumulator.load(partial_dir / f"stats.{p}.npz"))
+        if total.images == 0:
+            raise ValueError(f"no records evaluated: split {settings.split!r} of {data_dir} is empty")
+        head = {
+            "model": os.fspath(model_dir) if model_dir else None,
+            "data": data_dir,
+            "samples": os.fspath(samples),
+            "num_images": total.images,
+            "generated_now": total.generated,
+            "settings": dataclasses.asdict(settings),
+            "encoders": encoders,
+            "metrics": _summary(total),
+        }
+        rows = merged_rows(partial_dir / f"rows.{p}.jsonl" for p in range(processes))
+        write_results(out_path, head, rows)
+        out_path.with_suffix(".md").write_text(markdown_table({"this run": head["metrics"]}, head))
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    if processes > 1:
+        barrier("sketchcomp: evaluation results written")
+        if head is None:
+            head = {k: v for k, v in json.loads(out_path.read_text()).items() if k != "per_image"}
+    return finite(head)
+
+
+def _score_batch(acc, batch, ids: list[str], paths: list[pathlib.Path], resolution: int, extractor,
+                 tolerance: float, inception, clip) -> None:
+    """Scores one batch from its PNGs into `acc`: per-image rows (L1/L2, sketch fidelity, CLIP-I) and the
+    Inception / CLIP features of results and ground truths. Only this batch's images are in memory."""
+    rows, results01, gts01, hole_crops, references01 = [], [], [], [], []
+    for j, rid in enumerate(ids):
+        result = np.asarray(Image.open(paths[j]).convert("RGB"))
+        if result.shape[:2] != (resolution, resolution):
+            raise ValueError(f"{paths[j]} is {result.shape[1]}x{result.shape[0]}, expected {resolution}x{resolution}")
+        result01 = result.astype(np.float32) / 255.0
+        gt01 = _unit(batch["gt"][j])
+        keep = np.asarray(batch["keep_mask"][j])
+        rows.append({"id": rid, **M.reconstruction_errors(result01, gt01, keep)})
+        results01.append(result01)
+        gts01.append(gt01)
+        box = hole_bbox(keep, pad=0)
+        hole_crops.append(result[box[1]:box[3], box[0]:box[2]] if box else result)
+        references01.append(_reference01(np.asarray(batch["reference"][j])))
+    _sketch_scores(extractor, rows, results01, gts01, batch, tolerance)
+    if inception is not None:
+        acc.add_features("fid_results", inception(np.stack(results01)))
+        acc.add_features("fid_gts", inception(np.stack(gts01)))
+    if clip is not None:
+        clip_i = 100.0 * M.cosine_similarity(clip.embed(hole_crops), clip.embed(references01))
+        for row, value in zip(rows, clip_i):
+            row["clip_i"] = float(value)
+        acc.add_features("clip_results", clip.embed(results01))
+        acc.add_features("clip_gts", clip.embed(gts01))
+    acc.add_rows(batch["position"], rows)
+
+
+def _summary(acc) -> dict[str, float]:
+    """The metrics of the merged accumulator: per-image means, then FID and CLIP-FD from the feature sums."""
+    from sketchcomp_jax.eval.fid import frechet_distance
+
+    summary = acc.metrics.means()
+    if "fid_results" in acc.features:
+        summary["fid"] = float(frechet_distance(*acc.features["fid_results"].statistics(),
+                                                *acc.features["fid_gts"].statistics()))
+    if "clip_results" in acc.features:
+        summary["clip_fd"] = float(frechet_distance(*acc.features["clip_results"].statistics(),
+                                                    *acc.features["clip_gts"].statistics()))
+    return summary
 
 
 def markdown_table(columns: dict[str, dict[str, float]], results: dict[str, Any] | None = None) -> str:
@@ -280,13 +363,31 @@ def markdown_table(columns: dict[str, dict[str, float]], results: dict[str, Any]
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _load_model(model_dir):
-    """A model directory or a training work directory (its latest checkpoint)."""
+def _load_model(model_dir, mesh):
+    """A model directory or a training work directory (its latest checkpoint, parameters only), replicated
+    over `mesh`."""
+    import jax
+
     from sketchcomp_jax.model_source import load_model_source
 
-    source = load_model_source(model_dir)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    source = load_model_source(model_dir, sharding=replicated)
     log.info("evaluating %s", source.description)
     return source.config, source.params
+
+
+def _generation_mesh(batch_size: int):
+    """This host's devices that generate: the batch is split over them, the parameters replicated on them.
+    As many local devices as divide the batch size (all of them when it is a multiple of their number), so
+    no device computes padding."""
+    import jax
+
+    devices = jax.local_devices()
+    used = math.gcd(batch_size, len(devices))
+    if used < len(devices):
+        log.info("--batch_size %d uses %d of this host's %d devices; a multiple of %d uses them all",
+                 batch_size, used, len(devices), len(devices))
+    return jax.sharding.Mesh(np.array(devices[:used]), ("data",))
 
 
 def _sizes(model, samples: pathlib.Path) -> tuple[int, int]:
@@ -302,14 +403,14 @@ def _sizes(model, samples: pathlib.Path) -> tuple[int, int]:
     return w, 224
 
 
-def _make_generator(model, settings: EvalSettings):
+def _make_generator(model, settings: EvalSettings, mesh):
     from sketchcomp_jax.generation import BatchGenerator
     from sketchcomp_jax.models.config import build_networks
 
     config = model[0]
-    return BatchGenerator(config, build_networks(config), sampler=settings.sampler, steps=settings.steps,
+    return BatchGenerator(config, build_networks(config, attention=settings.attention), sampler=settings.sampler, steps=settings.steps,
                           guidance_scale=settings.guidance_scale, sketch_drop_after=settings.sketch_drop_after,
-                          drop_value=settings.drop_value, vae_encode=settings.vae_encode)
+                          drop_value=settings.drop_value, vae_encode=settings.vae_encode, mesh=mesh)
 
 
 def _clip_encoder(clip_weights, model):
@@ -318,7 +419,11 @@ def _clip_encoder(clip_weights, model):
     if clip_weights:
         return load_clip_encoder(clip_weights)
     if model is not None and "clip" in model[1]["conditioner"]:
-        return model_clip_encoder(model[0], model[1])
+        import jax
+
+        # One copy on one device (the encoder is cheap next to sampling), not the copies replicated over the mesh.
+        clip = jax.device_put(jax.device_get(model[1]["conditioner"]["clip"]), jax.local_devices()[0])
+        return model_clip_encoder(model[0], {"conditioner": {"clip": clip}})
     log.warning("no CLIP image encoder (give --clip_weights): CLIP-I and CLIP-FD are skipped")
     return None
 
@@ -352,17 +457,6 @@ def _atomic_png(path: pathlib.Path, array_uint8: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(array_uint8).save(tmp, format="PNG")
     os.replace(tmp, path)
-
-
-def _finite(obj):
-    """JSON has no NaN: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _progress(total: int, enabled: bool):

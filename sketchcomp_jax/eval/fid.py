@@ -42,6 +42,7 @@ from sketchcomp_jax.models.inception import FID_FEATURE_DIM, FID_INPUT_SIZE, FID
 __all__ = [
     "FrechetDistanceError",
     "InceptionFeatures",
+    "RunningStatistics",
     "feature_statistics",
     "fid_from_features",
     "frechet_distance",
@@ -224,6 +225,72 @@ def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
             f.shape[0], f.shape[1],
         )
     return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+class RunningStatistics:
+    """Mean and covariance of a stream of feature batches without keeping the features: O(D^2) memory
+    for any number of samples.
+
+    Keeps ``n``, the mean ``(D,)`` and the centred sum of outer products ``m2 (D, D)`` in float64 and
+    combines each batch (or another accumulator, e.g. another host's) with the pairwise update of Chan,
+    Golub & LeVeque (1979): ``m2 = m2_a + m2_b + (mean_b - mean_a)(mean_b - mean_a)^T n_a n_b / n``, which
+    centres every batch on its own mean and so avoids the cancellation of raw sums of squares.
+    :meth:`statistics` equals :func:`feature_statistics` of the concatenated features (the unbiased
+    ``N - 1`` covariance) up to float64 rounding (~1e-15 relative).
+    """
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.mean = np.zeros(dim, np.float64)
+        self.m2 = np.zeros((dim, dim), np.float64)
+
+    def update(self, features: Any) -> None:
+        """Adds a batch ``(B, D)`` of feature vectors."""
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"RunningStatistics: expected features (B, {self.mean.shape[0]}), got {f.shape}")
+        if not np.isfinite(f).all():
+            raise ValueError("RunningStatistics: features contain NaN or inf")
+        if f.shape[0] == 0:
+            return
+        mean = f.mean(axis=0)
+        centred = f - mean
+        self._combine(f.shape[0], mean, centred.T @ centred)
+
+    def merge(self, other: "RunningStatistics") -> None:
+        """Adds another accumulator's samples (e.g. one host's share)."""
+        if other.n:
+            self._combine(other.n, other.mean, other.m2)
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        n_a, n = self.n, self.n + n_b
+        delta = mean_b - self.mean
+        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        self.mean = self.mean + delta * (n_b / n)
+        self.n = n
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu (D,), sigma (D, D))``: the mean and the unbiased covariance (as :func:`feature_statistics`)."""
+        if self.n < 2:
+            raise ValueError(f"RunningStatistics: need at least 2 feature vectors for a covariance, got {self.n}")
+        if self.n <= self.mean.shape[0]:
+            log.warning(
+                "feature_statistics: %d samples for %d-d features: the covariance is singular and the Fréchet "
+                "distance is biased high; use more samples than dimensions for comparable numbers",
+                self.n, self.mean.shape[0],
+            )
+        return self.mean.copy(), self.m2 / (self.n - 1)
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """``{prefix_n, prefix_mean, prefix_m2}``: the state, for an ``.npz`` partial another process merges."""
+        return {f"{prefix}_n": np.asarray(self.n), f"{prefix}_mean": self.mean, f"{prefix}_m2": self.m2}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], prefix: str) -> "RunningStatistics":
+        mean = np.asarray(arrays[f"{prefix}_mean"], np.float64)
+        out = cls(mean.shape[0])
+        out.n, out.mean, out.m2 = int(arrays[f"{prefix}_n"]), mean, np.asarray(arrays[f"{prefix}_m2"], np.float64)
+        return out
 
 
 def _check_stats(mu: Any, sigma: Any, which: str) -> tuple[np.ndarray, np.ndarray]:

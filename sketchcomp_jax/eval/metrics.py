@@ -113,6 +113,33 @@ def aggregate(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
     return {name: mean_and_count(r[name] for r in rows if name in r)[0] for name in names}
 
 
+class MetricSums:
+    """Running means of per-image metrics: for each name the sum and count of its finite values, so that
+    :meth:`means` equals :func:`aggregate` of all the rows without keeping them (float64 summation order
+    aside: ~1e-16 relative). Accumulators of different hosts combine with :meth:`merge`."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, row: Mapping[str, float]) -> None:
+        for name, value in row.items():
+            self.sums.setdefault(name, 0.0)
+            self.counts.setdefault(name, 0)
+            if math.isfinite(value):
+                self.sums[name] += float(value)
+                self.counts[name] += 1
+
+    def merge(self, other: "MetricSums") -> None:
+        for name in other.sums:
+            self.sums[name] = self.sums.get(name, 0.0) + other.sums[name]
+            self.counts[name] = self.counts.get(name, 0) + other.counts[name]
+
+    def means(self) -> dict[str, float]:
+        """Sorted by name, NaN for a metric with no finite value (as :func:`aggregate`)."""
+        return {n: (self.sums[n] / self.counts[n] if self.counts[n] else math.nan) for n in sorted(self.sums)}
+
+
 def spread(values: Iterable[float]) -> dict[str, float]:
     """Mean, sample standard deviation, min and max of run-level figures (e.g. one value per seed)."""
     arr = np.asarray(list(values), np.float64)
