@@ -56,8 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     cfg.ema_decay = 0.0  # >0 keeps an EMA of the trainable weights
 
+    # `rules`: (regex, value) sharding rules tried before the defaults (docs/training_at_scale.md), e.g.
+    # --config.mesh.rules='(("clip/", "replicated"),)'
     cfg.mesh = ml_collections.ConfigDict(dict(ici=dict(data=-1, fsdp=1, tensor=1), dcn={}, strategy="dp",
-                                              fsdp_min_size=2**14))
+                                              fsdp_min_size=2**14, rules=()))
     cfg.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
 
     cfg.peak_flops_per_device = 0.0  # e.g. 197e12 (TPU v5e bf16), 989e12 (H100 bf16 dense): enables MFU in metrics

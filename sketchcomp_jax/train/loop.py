@@ -30,7 +30,7 @@ from sketchcomp_jax.train.init import initial_model, text_tokenizer_dir
 from sketchcomp_jax.train.metrics_writer import MetricsWriter
 from sketchcomp_jax.train.monitors import EvalLoss, SampleGrid, save_png
 from sketchcomp_jax.train.state import create_train_state, learning_rate_schedule, make_optimizer
-from sketchcomp_jax.train.step import compile_step, make_step_fn
+from sketchcomp_jax.train.step import compile_step, make_step_fn, step_gather
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,14 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[st
     acp = jnp.asarray(schedule_for(model_config.schedule)["alphas_cumprod"])
     gather = NamedSharding(mesh, P()) if cfg.mesh.strategy == "fsdp" else None
     step_fn = make_step_fn(nets, model_config, tx, acp, int(cfg.seed), float(cfg.uncond_prob),
-                           bool(cfg.per_sample_uncond), float(cfg.ema_decay or 0.9999), gather)
+                           bool(cfg.per_sample_uncond), float(cfg.ema_decay or 0.9999),
+                           step_gather(mesh, cfg.mesh.strategy, int(cfg.mesh.fsdp_min_size), cfg.mesh.get("rules")))
     state = create_train_state(params, tx, bool(cfg.train_uncond_vector), use_ema=bool(cfg.ema_decay))
     del params
     shapes = _batch_shapes(model_config, int(cfg.batch_size))
     t0 = time.time()
     compiled = compile_step(step_fn, jax.eval_shape(lambda: state), mesh, shapes, cfg.mesh.strategy,
-                            int(cfg.mesh.fsdp_min_size))
+                            int(cfg.mesh.fsdp_min_size), cfg.mesh.get("rules"))
     log.info("AOT compile: %.1f s", time.time() - t0)
 
     loader = _loader(cfg, model_config, "train", eval_mode=False)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sketchcomp_jax.models.config import ModelConfig, Networks
 from sketchcomp_jax.parallel.mesh import BATCH_AXES
-from sketchcomp_jax.parallel.partitioning import param_shardings
+from sketchcomp_jax.parallel.partitioning import gather_constraint, param_shardings
 from sketchcomp_jax.train.loss import diffusion_loss
 from sketchcomp_jax.train.state import TrainState, merge_params
 
@@ -25,16 +25,20 @@ log = logging.getLogger(__name__)
 
 def make_step_fn(nets: Networks, model_config: ModelConfig, tx: optax.GradientTransformation,
                  alphas_cumprod: jax.Array, seed: int, uncond_prob: float = 0.2, per_sample_uncond: bool = False,
-                 ema_decay: float = 0.9999, gather_params: NamedSharding | None = None,
+                 ema_decay: float = 0.9999, gather_params: NamedSharding | Callable[[Any], Any] | None = None,
                  ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`gather_params` (FSDP): a sharding (usually replicated) the parameters are constrained to for the
     forward/backward pass, so XLA all-gathers weights and keeps activations batch-sharded instead of
-    re-partitioning activations to match sharded weights; gradients are reduce-scattered back."""
+    re-partitioning activations to match sharded weights; gradients are reduce-scattered back. With tensor
+    parallelism it is a function of a params subtree (`partitioning.gather_constraint`) that gathers the fsdp
+    axis only, keeping each leaf's tensor split."""
     base_key = jax.random.PRNGKey(seed)
 
     def gathered(tree):
         if gather_params is None:
             return tree
+        if callable(gather_params):
+            return gather_params(tree)
         return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, gather_params), tree)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
@@ -67,17 +71,44 @@ class CompiledStep:
     memory: dict[str, int]
 
 
-def state_shardings_for(abstract_state: TrainState, mesh: Mesh, strategy: str, min_size: int = 2**14) -> Any:
-    return param_shardings(abstract_state, mesh, strategy, min_size)
+def state_shardings_for(abstract_state: TrainState, mesh: Mesh, strategy: str, min_size: int = 2**14,
+                        rules=None) -> TrainState:
+    """Shardings for every leaf of the state: parameters by name (`partitioning`, user `rules` first); the EMA
+    and every optimizer subtree that mirrors the trainable tree (Adam moments, MultiSteps' accumulated
+    gradients) follow the trainable parameters; everything else (step, counts) is replicated."""
+    trainable = param_shardings(abstract_state.trainable, mesh, strategy, min_size, rules)
+    frozen = param_shardings(abstract_state.frozen, mesh, strategy, min_size, rules)
+    replicated = NamedSharding(mesh, P())
+    params_def = jax.tree_util.tree_structure(abstract_state.trainable)
+
+    def mirrors(x) -> bool:
+        return jax.tree_util.tree_structure(x) == params_def
+
+    opt_state = jax.tree_util.tree_map(lambda x: trainable if mirrors(x) else replicated,
+                                       abstract_state.opt_state, is_leaf=mirrors)
+    return jax.tree_util.tree_map(lambda _: replicated, abstract_state).replace(
+        trainable=trainable, frozen=frozen, opt_state=opt_state,
+        ema=None if abstract_state.ema is None else trainable)
+
+
+def step_gather(mesh: Mesh, strategy: str, min_size: int = 2**14, rules=None):
+    """`make_step_fn`'s `gather_params` for a strategy: None for `dp`; for `fsdp` everything replicated, or with
+    a `tensor` axis > 1 a per-leaf constraint that gathers the fsdp axis only (tensor-parallel weights stay split)."""
+    if strategy != "fsdp":
+        return None
+    if mesh.shape.get("tensor", 1) == 1:
+        return NamedSharding(mesh, P())
+    return gather_constraint(mesh, min_size, rules)
 
 
 def compile_step(step_fn, abstract_state: TrainState, mesh: Mesh,
                  global_batch_shapes: dict[str, tuple | jax.ShapeDtypeStruct], strategy: str = "dp",
-                 fsdp_min_size: int = 2**14) -> CompiledStep:
+                 fsdp_min_size: int = 2**14, rules=None) -> CompiledStep:
     """AOT-compiles `step_fn` for the mesh: `jax.jit(...).lower(...).compile()`. Logs FLOPs and memory.
 
-    `global_batch_shapes`: per batch key a shape (float32) or a `jax.ShapeDtypeStruct` (e.g. int32 tokens)."""
-    state_sh = state_shardings_for(abstract_state, mesh, strategy, fsdp_min_size)
+    `global_batch_shapes`: per batch key a shape (float32) or a `jax.ShapeDtypeStruct` (e.g. int32 tokens).
+    `rules`: extra sharding rules (config `mesh.rules`, see parallel/partitioning.py) tried before the defaults."""
+    state_sh = state_shardings_for(abstract_state, mesh, strategy, fsdp_min_size, rules)
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
     batch_shardings = {k: batch_sh for k in global_batch_shapes}
     metrics_sh = NamedSharding(mesh, P())
@@ -90,7 +121,10 @@ def compile_step(step_fn, abstract_state: TrainState, mesh: Mesh,
     abstract_state = jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sh
     )
-    compiled = jitted.lower(abstract_state, abstract_batch).compile()
+    # Under the mesh: splash attention shard_maps over its batch axes, and `auto` attention reads the
+    # target platform (e.g. TPU devices of an AOT topology on a CPU host) from it.
+    with jax.set_mesh(mesh):
+        compiled = jitted.lower(abstract_state, abstract_batch).compile()
     flops = None
     try:
         cost = compiled.cost_analysis()
