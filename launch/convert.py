@@ -24,6 +24,9 @@ flags.DEFINE_string("ldm_config", None, "The original's YAML config (e.g. v1_aes
 flags.DEFINE_string("clip_config", None, "transformers CLIPVisionConfig JSON for a non-ViT-L/14 image encoder.")
 flags.DEFINE_integer("resolution", 512, "Image size the model is used at (latent size = resolution / VAE factor).")
 flags.DEFINE_integer("in_channels", None, "U-Net input channels; more than the checkpoint's appends zero channels (9→12: PbE→PbS).")
+flags.DEFINE_enum("weights", None, ["raw", "ema"],
+                  "U-Net weights of an LDM checkpoint with model_ema.* buffers: default follows the YAML's use_ema "
+                  "(absent = True, LDM's default); raw | ema overrides.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out directory.")
 
 
@@ -37,7 +40,8 @@ def main(argv):
 
     try:
         model, source = convert_checkpoint(
-            FLAGS.src, FLAGS.ldm_config, FLAGS.clip_config, FLAGS.resolution, FLAGS.in_channels
+            FLAGS.src, FLAGS.ldm_config, FLAGS.clip_config, FLAGS.resolution, FLAGS.in_channels,
+            weights=FLAGS.weights,
         )
         out = save_model_dir(FLAGS.out, model.config, model.params, source, overwrite=FLAGS.overwrite)
     except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
@@ -48,7 +52,8 @@ def main(argv):
     print(
         f"wrote {out}: U-Net {cfg.unet.in_channels}→{cfg.unet.out_channels} channels "
         f"({counts['unet']:,} params), VAE ({counts['vae']:,}), conditioner ({counts['conditioner']:,}); "
-        f"resolution {cfg.resolution}, latent {cfg.latent_size}"
+        f"resolution {cfg.resolution}, latent {cfg.latent_size}; "
+        f"U-Net weights: {source['weights']['unet_weights']} ({source['weights']['reason']})"
     )
     return 0
 

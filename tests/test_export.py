@@ -186,9 +186,9 @@ def test_ema_export_writes_the_original_litema_buffers(tiny_model, tmp_path):
     )
     assert sd["model_ema.decay"].dtype == np.float32 and sd["model_ema.num_updates"] == 42
     assert load_ldm_yaml(yaml_path)["use_ema"] is True
-    # Our converter takes the non-EMA weights (model_ema.* are ignored).
+    # The exported YAML says use_ema: True, so converting it back takes the EMA U-Net, as the original would.
     back, _ = convert_checkpoint(path, yaml_path, tmp_path / "m_clip_config.json", resolution=config.resolution)
-    assert leaves_equal(back.params["unet"], params["unet"])
+    assert leaves_equal(back.params["unet"], ema_unet)
 
 
 # --------------------------------------------------------------------------------------------------

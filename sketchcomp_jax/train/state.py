@@ -24,6 +24,9 @@ class TrainState:
     frozen: Any
     opt_state: Any
     ema: Any  # EMA of `trainable`, or None
+    # LitEma's `num_updates`: EMA updates so far (one per optimizer step); None without an EMA, so runs
+    # without one keep the checkpoint layout they had before this field existed.
+    ema_updates: Any = None
 
 
 def split_params(params: dict[str, Any], train_uncond_vector: bool = False) -> tuple[dict, dict]:
@@ -79,4 +82,30 @@ def create_train_state(params: dict[str, Any], tx: optax.GradientTransformation,
     return TrainState(
         step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=tx.init(trainable),
         ema=jax.tree_util.tree_map(jnp.array, trainable) if use_ema else None,
+        ema_updates=jnp.zeros((), jnp.int32) if use_ema else None,
     )
+
+
+def lit_ema_update(ema: Any, params: Any, num_updates: jax.Array, decay: float,
+                   apply: jax.Array | bool = True) -> tuple[Any, jax.Array]:
+    """One update of the original's `LitEma`: `n += 1; d = min(decay, (1 + n) / (10 + n));
+    ema -= (1 - d) * (ema - params)`. Returns `(ema, n)`.
+
+    `apply` (a traced bool) leaves both unchanged when False: under gradient accumulation the EMA moves
+    once per optimizer step, not per micro-step."""
+    n = num_updates + 1
+    nf = n.astype(jnp.float32)
+    one_minus = 1.0 - jnp.minimum(jnp.float32(decay), (1.0 + nf) / (10.0 + nf))
+    new = jax.tree_util.tree_map(lambda e, p: e - one_minus.astype(e.dtype) * (e - p), ema, params)
+    if apply is True:
+        return new, n
+    new = jax.tree_util.tree_map(lambda a, b: jnp.where(apply, a, b), new, ema)
+    return new, jnp.where(apply, n, num_updates)
+
+
+def optimizer_step_taken(old_opt_state: Any, new_opt_state: Any) -> jax.Array | bool:
+    """Whether `tx.update` applied an update: always, except for `optax.MultiSteps` micro-steps that only
+    accumulate gradients."""
+    if isinstance(new_opt_state, optax.MultiStepsState):
+        return new_opt_state.gradient_step != old_opt_state.gradient_step
+    return True

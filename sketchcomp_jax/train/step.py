@@ -18,7 +18,7 @@ from sketchcomp_jax.models.config import ModelConfig, Networks
 from sketchcomp_jax.parallel.mesh import BATCH_AXES
 from sketchcomp_jax.parallel.partitioning import gather_constraint, param_shardings
 from sketchcomp_jax.train.loss import diffusion_loss
-from sketchcomp_jax.train.state import TrainState, merge_params
+from sketchcomp_jax.train.state import TrainState, lit_ema_update, merge_params, optimizer_step_taken
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,13 @@ def make_step_fn(nets: Networks, model_config: ModelConfig, tx: optax.GradientTr
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        ema = state.ema
-        if ema is not None:
-            ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, trainable)
+        ema, ema_updates = state.ema, state.ema_updates
+        if ema is not None:  # LitEma: warm-up decay, once per optimizer step
+            ema, ema_updates = lit_ema_update(ema, trainable, ema_updates, ema_decay,
+                                              optimizer_step_taken(state.opt_state, opt_state))
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema)
+        new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema,
+                                  ema_updates=ema_updates)
         return new_state, metrics
 
     return step

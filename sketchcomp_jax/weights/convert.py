@@ -15,7 +15,17 @@ import numpy as np
 
 from sketchcomp_jax.models.config import ModelConfig, build_networks
 from sketchcomp_jax.weights.errors import CheckpointError
-from sketchcomp_jax.weights.keymap import UNET_PREFIX, KeyEntry, is_ignored_ldm_key, model_entries
+from sketchcomp_jax.weights.keymap import (
+    EMA_DECAY_KEY,
+    EMA_NUM_UPDATES_KEY,
+    EMA_PREFIX,
+    UNET_PREFIX,
+    KeyEntry,
+    ema_key,
+    is_ignored_ldm_key,
+    ldm_key_from_ema,
+    model_entries,
+)
 
 log = logging.getLogger(__name__)
 StateDict = Mapping[str, np.ndarray]
@@ -26,6 +36,86 @@ CHANNEL_NAMES = {4: "Stable Diffusion (4-channel)", 9: "Paint-by-Example (9-chan
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint's keys or shapes do not match the architecture."""
+
+
+WEIGHT_CHOICES = ("raw", "ema")
+
+
+def select_unet_weights(
+    sd: StateDict, weights: str | None = None, yaml_use_ema: bool | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Picks the U-Net weights an LDM checkpoint is used with, as the original's `DDPM` does.
+
+    With `use_ema` (LDM's default, True when the YAML omits it or no YAML is given) and `model_ema.*`
+    buffers present, sampling runs inside `ema_scope()`, i.e. on LitEma's copy; `weights` ('raw' | 'ema')
+    overrides. Returns the state dict with the chosen U-Net under `model.diffusion_model.*` and no
+    `model_ema.*` keys, plus a record `{unet_weights, reason, ema_decay, ema_num_updates}`.
+    Raises `CheckpointMismatchError` for `weights='ema'` without EMA buffers, `weights='raw'` with an
+    EMA-only checkpoint, or an EMA set that does not cover the U-Net.
+    """
+    if weights is not None and weights not in WEIGHT_CHOICES:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, not {weights!r}")
+    ema_names = [k for k in sd if k.startswith(EMA_PREFIX) and k not in (EMA_DECAY_KEY, EMA_NUM_UPDATES_KEY)]
+    raw_keys = [k for k in sd if k.startswith(UNET_PREFIX)]
+    rest = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
+    record: dict[str, Any] = {"ema_decay": None, "ema_num_updates": None}
+    if EMA_DECAY_KEY in sd:
+        record["ema_decay"] = float(np.asarray(sd[EMA_DECAY_KEY]))
+    if EMA_NUM_UPDATES_KEY in sd:
+        record["ema_num_updates"] = int(np.asarray(sd[EMA_NUM_UPDATES_KEY]))
+    if not ema_names:
+        if weights == "ema":
+            raise CheckpointMismatchError(
+                "--weights ema: the checkpoint has no EMA weights (no model_ema.* buffers); drop --weights or use --weights raw"
+            )
+        record.update(unet_weights="raw", reason="the checkpoint has no EMA weights")
+        return rest, record
+    use_ema_default = True if yaml_use_ema is None else bool(yaml_use_ema)
+    if not raw_keys:
+        if weights == "raw":
+            raise CheckpointMismatchError(
+                "--weights raw: the checkpoint holds only EMA weights (model_ema.*, no model.diffusion_model.*); "
+                "drop --weights or use --weights ema"
+            )
+        choice, reason = "ema", "the checkpoint holds only EMA weights"
+    elif weights is not None:
+        choice, reason = weights, f"--weights {weights}"
+    elif yaml_use_ema is None:
+        choice, reason = "ema", "use_ema not set (LDM's default is True)"
+    else:
+        choice, reason = ("ema" if use_ema_default else "raw"), f"the YAML says use_ema: {use_ema_default}"
+    record.update(unet_weights=choice, reason=reason)
+    if choice == "raw":
+        return rest, record
+    by_key = {}
+    unreadable = []
+    for name in ema_names:
+        key = ldm_key_from_ema(name)
+        if key is None or not key.startswith(UNET_PREFIX):
+            unreadable.append(name)
+        else:
+            by_key[key] = sd[name]
+    if unreadable:
+        raise CheckpointMismatchError("EMA weights with names that are not the LDM U-Net's: " + _listing("keys", sorted(unreadable)))
+    if raw_keys:
+        missing = sorted(k for k in raw_keys if k not in by_key)
+        extra = sorted(k for k in by_key if k not in set(raw_keys))
+        if missing or extra:
+            parts = ([_listing("U-Net tensors without an EMA copy", [ema_key(k) for k in missing])] if missing else []) + (
+                [_listing("EMA tensors without a U-Net tensor", [ema_key(k) for k in extra])] if extra else []
+            )
+            raise CheckpointMismatchError(
+                "the checkpoint's EMA weights do not match its U-Net: " + "; ".join(parts) + "; pass --weights raw"
+            )
+        for k in raw_keys:
+            if tuple(np.shape(by_key[k])) != tuple(np.shape(sd[k])):
+                raise CheckpointMismatchError(
+                    f"EMA tensor {ema_key(k)} has shape {tuple(np.shape(by_key[k]))} but {k} has "
+                    f"{tuple(np.shape(sd[k]))}; pass --weights raw"
+                )
+    rest = {k: v for k, v in rest.items() if not k.startswith(UNET_PREFIX)}
+    rest.update(by_key)
+    return rest, record
 
 
 def _listing(title: str, items: list[str], limit: int = 8) -> str:

@@ -38,7 +38,7 @@ from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.models.config import ModelConfig
 from sketchcomp_jax.weights.convert import _get_path, flax_to_torch
 from sketchcomp_jax.weights.errors import CheckpointError
-from sketchcomp_jax.weights.keymap import CLIP_PREFIX, UNET_PREFIX, model_entries, unet_entries
+from sketchcomp_jax.weights.keymap import CLIP_PREFIX, UNET_PREFIX, ema_key, model_entries, unet_entries
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +206,6 @@ def _leaf(params: Mapping[str, Any], path: tuple[str, ...]) -> np.ndarray:
         raise ExportError(f"params have no leaf {'/'.join(path)}: they do not match the model config") from None
 
 
-def _ema_key(ldm_key: str) -> str:
-    # LitEma registers `model.diffusion_model.<name>` as the buffer `diffusion_model<name without dots>`.
-    return "model_ema." + ldm_key[len("model."):].replace(".", "")
-
-
 def ldm_state_dict(
     config: ModelConfig, params: Mapping[str, Any], dtype: str | np.dtype = "float32", ema: EmaWeights | None = None
 ) -> dict[str, np.ndarray]:
@@ -250,7 +245,7 @@ def ldm_state_dict(
     if ema is not None:
         for entry in unet_entries(config):
             value = _leaf({"unet": ema.unet}, entry.flax_path)
-            put(_ema_key(entry.ldm_key), flax_to_torch(entry, value, entry.ldm_ndim))
+            put(ema_key(entry.ldm_key), flax_to_torch(entry, value, entry.ldm_ndim))
         sd["model_ema.decay"] = np.array(ema.decay, np.float32)
         sd["model_ema.num_updates"] = np.array(ema.num_updates, np.int32)
     return sd
@@ -810,8 +805,29 @@ def load_params_from_workdir(workdir: str | os.PathLike, step: int | None = None
         config, params, ema, global_step = load_training_params(workdir, step if step is not None else steps[-1])
     except FileNotFoundError as e:
         raise ExportError(str(e)) from None
-    ema_weights = EmaWeights(unet=ema["unet"], num_updates=global_step) if ema is not None else None
+    ema_weights = None
+    if ema is not None:
+        # LitEma's counter is the number of EMA updates (one per optimizer step); runs saved before the
+        # counter existed fall back to the step count.
+        num_updates = int(ema.get("num_updates", global_step))
+        ema_weights = EmaWeights(unet=ema["unet"], decay=_training_ema_decay(ckpt_dir / str(global_step)),
+                                 num_updates=num_updates)
     return config, params, ema_weights, global_step
+
+
+def _training_ema_decay(step_dir: pathlib.Path, default: float = 0.9999) -> float:
+    """The run's configured `ema_decay` (from the checkpoint's saved config), or LitEma's default 0.9999."""
+    import orbax.checkpoint as ocp
+
+    try:
+        cfg = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "config")
+    except Exception:  # noqa: BLE001 - an unreadable config only loses the decay value, which is then logged
+        cfg = None
+    decay = cfg.get("ema_decay") if isinstance(cfg, dict) else None
+    if not decay:
+        log.warning("no ema_decay in %s/config: writing model_ema.decay = %g", step_dir, default)
+        return default
+    return float(decay)
 
 
 def _load_model_dir(model_dir: str | os.PathLike):

@@ -51,6 +51,18 @@ def load_ldm_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return params
 
 
+def ldm_use_ema(ldm_yaml: Mapping[str, Any] | None) -> bool | None:
+    """The YAML's `model.params.use_ema` (None when absent or no YAML: LDM's `DDPM` then defaults to True).
+
+    With it, the original samples inside `ema_scope()`, i.e. with the checkpoint's `model_ema.*` U-Net."""
+    if not ldm_yaml or "use_ema" not in ldm_yaml:
+        return None
+    value = ldm_yaml["use_ema"]
+    if not isinstance(value, bool):
+        raise ValueError(f"--ldm_config: model.params.use_ema must be true or false, not {value!r}")
+    return value
+
+
 def _count(sd: StateDict, pattern: str) -> int:
     """Number of distinct integers `N` for which some key matches `pattern` with `{N}` in it."""
     rx = re.compile(re.escape(pattern).replace(r"\{N\}", r"(\d+)"))

@@ -27,6 +27,11 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.vision_model."
 MAPPER_PREFIX = "cond_stage_model.mapper.resblocks."
+# LitEma's buffers: one per U-Net parameter, named `model_ema.` + the key after `model.` with its dots
+# removed (torch buffer names cannot contain dots), plus the decay and the update counter.
+EMA_PREFIX = "model_ema."
+EMA_DECAY_KEY = "model_ema.decay"
+EMA_NUM_UPDATES_KEY = "model_ema.num_updates"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,3 +328,54 @@ def is_ignored_ldm_key(key: str) -> bool:
         or key.startswith("first_stage_model.loss.")
         or key.startswith("model_ema.")
     )
+
+
+def ema_key(ldm_key: str) -> str:
+    """`model.diffusion_model.input_blocks.0.0.weight` → `model_ema.diffusion_modelinput_blocks00weight`
+    (LitEma's buffer name for a U-Net parameter)."""
+    if not ldm_key.startswith("model."):
+        raise ValueError(f"LitEma tracks only the U-Net (model.*), not {ldm_key!r}")
+    return EMA_PREFIX + ldm_key[len("model."):].replace(".", "")
+
+
+# Words of the LDM U-Net's parameter names (with the digits that belong to the word, e.g. `attn1`), longest
+# first so that `out_layers` is not read as `out` + `_layers`.
+_UNET_WORDS = sorted(
+    [
+        "diffusion_model", "input_blocks", "output_blocks", "middle_block", "time_embed", "out", "in_layers",
+        "out_layers", "emb_layers", "skip_connection", "op", "conv", "norm", "proj_in", "proj_out",
+        "transformer_blocks", "attn1", "attn2", "to_q", "to_k", "to_v", "to_out", "norm1", "norm2", "norm3",
+        "ff", "net", "proj", "weight", "bias",
+    ],
+    key=len,
+    reverse=True,
+)
+
+
+def ldm_key_from_ema(name: str) -> str | None:
+    """Inverse of `ema_key` for the LDM U-Net's names, or None when `name` cannot be parsed.
+
+    The dots are gone, so the name is re-tokenised with the U-Net's vocabulary: a digit run after
+    `input_blocks` / `output_blocks` is the block index followed by a one-digit layer index; every
+    other index is one digit (layer indices, `transformer_blocks` depth < 10). Callers check the
+    result by mapping it back with `ema_key`.
+    """
+    if not name.startswith(EMA_PREFIX):
+        return None
+    rest, parts = name[len(EMA_PREFIX):], []
+    while rest:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        if digits:
+            run, rest = rest[:digits], rest[digits:]
+            if parts and parts[-1] in ("input_blocks", "output_blocks") and len(run) >= 2:
+                parts += [run[:-1], run[-1]]
+            else:
+                parts += list(run)
+            continue
+        word = next((w for w in _UNET_WORDS if rest.startswith(w)), None)
+        if word is None:
+            return None
+        parts.append(word)
+        rest = rest[len(word):]
+    key = "model." + ".".join(parts)
+    return key if ema_key(key) == name else None

@@ -54,7 +54,12 @@ def save_model_dir(out_dir: str | os.PathLike, config: ModelConfig, params: dict
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / "params", host_params)
         ckptr.wait_until_finished()
-    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    config_dict = config.to_dict()
+    if source and source.get("weights"):
+        # Which U-Net weights the params hold (the checkpoint's raw or EMA copy) and why; informational,
+        # ModelConfig.from_dict ignores it.
+        config_dict["weights"] = source["weights"]
+    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     (tmp / "source.json").write_text(json.dumps(source or {}, indent=2, default=str) + "\n")
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)

@@ -18,9 +18,10 @@ from sketchcomp_jax.weights.convert import (
     diffusers_to_ldm,
     ldm_to_params,
     normalize_clip_prefix,
+    select_unet_weights,
 )
 from sketchcomp_jax.weights.diffusers_config import model_config_from_diffusers
-from sketchcomp_jax.weights.infer import infer_model_config, load_ldm_yaml
+from sketchcomp_jax.weights.infer import infer_model_config, ldm_use_ema, load_ldm_yaml
 from sketchcomp_jax.weights.model_dir import LoadedModel
 from sketchcomp_jax.weights.readers import detect_format, read_diffusers_folder, read_state_dict
 
@@ -33,6 +34,7 @@ def convert_checkpoint(
     clip_config: str | os.PathLike | None = None,
     resolution: int = 512,
     in_channels: int | None = None,
+    weights: str | None = None,
 ) -> tuple[LoadedModel, dict]:
     """Reads `src` and returns the model plus a `source` record (for the model directory's source.json).
 
@@ -40,7 +42,9 @@ def convert_checkpoint(
     cannot tell (heads), then `clip_config` (a transformers CLIPVisionConfig JSON), then the SD v1 /
     ViT-L/14 defaults. `in_channels` > the checkpoint's U-Net input channels appends zero channels.
     If the YAML declares more U-Net input channels than the checkpoint holds, `in_channels` must say
-    so explicitly (the error says how).
+    so explicitly (the error says how). The U-Net weights are the checkpoint's EMA copy or its raw
+    weights as `select_unet_weights` decides from the YAML's `use_ema` and `weights` ('raw' | 'ema');
+    `source['weights']` records the choice.
     """
     src = pathlib.Path(src)
     fmt = detect_format(src)
@@ -52,9 +56,13 @@ def convert_checkpoint(
         if clip is not None:
             config = config.replace(clip=clip)
         sd = diffusers_to_ldm({k: v["state_dict"] for k, v in components.items() if k != "model_index"}, config)
+        # A diffusers folder has one U-Net; there is no EMA copy to choose.
+        sd, weights_record = select_unet_weights(sd, weights)
     else:
         sd = normalize_clip_prefix(read_state_dict(src), "cond_stage_model.transformer.")
+        sd, weights_record = select_unet_weights(sd, weights, ldm_use_ema(yaml_params))
         config = infer_model_config(sd, yaml_params, clip, resolution)
+    log.info("U-Net weights: %s (%s)", weights_record["unet_weights"], weights_record["reason"])
     have = _ckpt_in_channels(sd)
     declared = yaml_params["unet_config"]["params"].get("in_channels") if yaml_params else None
     if in_channels is None and declared is not None and have is not None and declared != have:
@@ -74,6 +82,7 @@ def convert_checkpoint(
         "clip_config": str(clip_config) if clip_config else None,
         "checkpoint_in_channels": have,
         "in_channels": config.unet.in_channels,
+        "weights": weights_record,
     }
     return LoadedModel(config, params), source
 
