@@ -6,7 +6,10 @@ in_channels 12 — at 32×32 latents, batch 2, float32, identical random weights
 same number of threads, warm-up excluded. Prints medians, then one JSON line:
 {"benchmark": "unet_forward", "unit": "s", "ours": ..., "anchor": ..., "anchor_name": ..., "speedup": ...}
 
-    python benchmarks/unet_forward.py [--quick] [--repeats 20] [--threads N] [--compile]
+    python benchmarks/unet_forward.py [--quick] [--repeats 20] [--threads N] [--compile] [--size 32]
+                                      [--attention auto|xla|chunked|splash|cudnn]
+
+`--size 64` is the 64×64-latent (4096-token) case where the attention backend matters (docs/attention.md).
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores for both sides")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--size", type=int, default=None, help="latent size (default 32; 16 with --quick)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "chunked", "splash", "cudnn"],
+                        help="U-Net attention backend of the JAX side (docs/attention.md)")
     args = parser.parse_args()
     if args.threads != os.cpu_count():
         # XLA's CPU client uses every core of the process's CPU set; restrict both sides together.
@@ -38,7 +44,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else args.repeats
-    size = 16 if args.quick else 32
+    size = args.size or (16 if args.quick else 32)
     unet_t, cfg, params = bench_sd_unet(size)
     unet_t.eval()
 
@@ -50,7 +56,7 @@ def main() -> None:
     t_j, ctx_j = jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
     params = jax.device_put(params)
 
-    forward = jax.jit(UNet(cfg).apply)
+    forward = jax.jit(UNet(cfg, attention=args.attention).apply)
     out = forward({"params": params}, x_j, t_j, ctx_j).block_until_ready()
     with torch.no_grad():
         ref = unet_t(x, t, encoder_hidden_states=ctx).sample.numpy().transpose(0, 2, 3, 1)
@@ -66,7 +72,8 @@ def main() -> None:
                 compiled = median_time(lambda: unet_c(x, t, encoder_hidden_states=ctx), repeats, warmup=3)
             except Exception as e:  # torch.compile needs a working C++ toolchain; report, don't fail
                 print(f"torch.compile unavailable: {type(e).__name__}: {e}".splitlines()[0])
-    print(f"bench-sd U-Net forward, batch 2, {size}x{size} latents, fp32, {args.threads} threads, {repeats} repeats")
+    print(f"bench-sd U-Net forward, batch 2, {size}x{size} latents, fp32, {args.attention} attention, "
+          f"{args.threads} threads, {repeats} repeats")
     print(f"  flax (jit)          median {ours * 1e3:8.1f} ms   (max rel err vs torch {err:.2e})")
     print(f"  torch eager         median {anchor * 1e3:8.1f} ms")
     if compiled is not None:

@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.per_sample_uncond = False  # the original drops the reference for the whole batch
     cfg.compute_dtype = "float32"  # or "bfloat16" (parameters stay float32)
     cfg.remat = True
+    cfg.attention = "auto"  # attention backend: auto|xla|chunked|splash|cudnn (docs/attention.md)
     # Random inits only (tiny configs): fit the random VAE to the data for this many steps before training the
     # U-Net, as SD's VAE was trained before it (see sketchcomp_jax/train/autoencoder.py).
     cfg.fit_vae_steps = 0

@@ -29,6 +29,8 @@ flags.DEFINE_integer("port", 7860, "Port to listen on.")
 flags.DEFINE_bool("share", False, "Also open a public Gradio share link (sends traffic through gradio.live).")
 flags.DEFINE_enum("sampler", "plms", ["plms", "ddim", "dpmpp"], "Default sampler in the UI.")
 flags.DEFINE_integer("steps", 50, "Default number of steps in the UI.")
+flags.DEFINE_enum("attention", None, ["auto", "xla", "chunked", "splash", "cudnn"],
+                  "Attention backend (overrides the model's config.json; see docs/attention.md).")
 
 
 def main(argv):
@@ -38,7 +40,8 @@ def main(argv):
 
     try:
         launch(FLAGS.model, host=FLAGS.host, port=FLAGS.port, share=FLAGS.share, step=FLAGS.step,
-               use_ema=FLAGS.use_ema, defaults=Settings(sampler=FLAGS.sampler, steps=FLAGS.steps))
+               use_ema=FLAGS.use_ema, defaults=Settings(sampler=FLAGS.sampler, steps=FLAGS.steps),
+               attention=FLAGS.attention)
     except (ValueError, FileNotFoundError) as e:
         print(f"app.py: error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the initial noise and posterior samples
 flags.DEFINE_integer("data_seed", 0, "Seed of the fixed per-record evaluation masks.")
 flags.DEFINE_enum("sampler", "plms", ["plms", "ddim", "dpmpp"], "Sampler.")
 flags.DEFINE_integer("steps", 50, "Sampling steps.")
+flags.DEFINE_enum("attention", None, ["auto", "xla", "chunked", "splash", "cudnn"],
+                  "Attention backend (overrides the model's config.json; see docs/attention.md).")
 flags.DEFINE_float("guidance_scale", 5.0, "Classifier-free guidance scale.")
 flags.DEFINE_float("sketch_drop_after", 1.0, "Sketch plug-and-drop fraction (1.0 = sketch at every step).")
 flags.DEFINE_float("drop_value", 0.0, "Value of the dropped sketch channels (0.0 as the original; -1 = no edge).")
@@ -55,7 +57,7 @@ def main(argv):
         split=FLAGS.split, num=FLAGS.num, batch_size=FLAGS.batch_size, seed=FLAGS.seed, sampler=FLAGS.sampler,
         steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale, sketch_drop_after=FLAGS.sketch_drop_after,
         drop_value=FLAGS.drop_value, vae_encode=FLAGS.vae_encode, edge_tolerance=FLAGS.edge_tolerance,
-        data_seed=FLAGS.data_seed,
+        data_seed=FLAGS.data_seed, attention=FLAGS.attention,
     )
     try:
         results = evaluate(

@@ -37,6 +37,8 @@ flags.DEFINE_string("reference_box", None, "x0,y0,x1,y1: crop the reference from
 flags.DEFINE_integer("self_reference_iterations", 0, "Re-sample k times with the hole crop of the result as reference.")
 flags.DEFINE_string("prompt", None, "Text for a text-conditioned model (the Paint-by-T+S baseline), e.g. its tags.")
 flags.DEFINE_bool("grid", False, "Also write OUT_grid.png with all samples side by side.")
+flags.DEFINE_enum("attention", None, ["auto", "xla", "chunked", "splash", "cudnn"],
+                  "Attention backend (overrides the model's config.json; see docs/attention.md).")
 
 
 def main(argv):
@@ -67,7 +69,7 @@ def main(argv):
             raise ValueError(f"output folder {out_dir} does not exist")
         with tqdm(total=3, desc="sample", unit="stage") as bar:
             bar.set_postfix_str("loading model")
-            pipe = SketchCompositionPipeline.from_pretrained(FLAGS.model)
+            pipe = SketchCompositionPipeline.from_pretrained(FLAGS.model, attention=FLAGS.attention)
             bar.update()
             bar.set_postfix_str(f"{FLAGS.sampler} × {FLAGS.steps} steps (first call compiles)")
             result = pipe(

@@ -86,11 +86,15 @@ class SketchCompositionPipeline:
         self._samplers: dict[tuple, Any] = {}
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, dtype: Any = jnp.float32) -> "SketchCompositionPipeline":
-        """From a model directory or a training work directory (its latest checkpoint)."""
+    def from_pretrained(cls, model_dir: str | os.PathLike, dtype: Any = jnp.float32,
+                        attention: str | None = None) -> "SketchCompositionPipeline":
+        """From a model directory or a training work directory (its latest checkpoint); `attention`
+        overrides the config's attention backend."""
         from sketchcomp_jax.model_source import load_model_source
 
         config, params, _ = load_model_source(model_dir)
+        if attention:
+            config = config.replace(attention=attention)
         return cls(config, params, dtype, load_tokenizer(model_dir, config))
 
     # ------------------------------------------------------------------ preprocessing

@@ -232,7 +232,7 @@ def build_demo(pipe, title: str = "Sketch composition", model_description: str =
 
 
 def launch(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False, step: int | None = None,
-           use_ema: bool = False, defaults: Settings = Settings()) -> None:
+           use_ema: bool = False, defaults: Settings = Settings(), attention: str | None = None) -> None:
     """Loads `model` (a model directory or a training work directory) and serves the UI (blocks)."""
     # No telemetry or update checks: set before Gradio is imported.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -242,6 +242,8 @@ def launch(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = 
 
     config, params, description = load_model_source(model, step, use_ema)
     require_reference_model(config, description)
+    if attention:  # --attention overrides the model's attention backend
+        config = config.replace(attention=attention)
     pipe = SketchCompositionPipeline(config, params)
     demo = build_demo(pipe, model_description=description, defaults=defaults)
     log.info("serving on http://%s:%d", host, port)

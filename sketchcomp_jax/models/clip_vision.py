@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sketchcomp_jax.models.layers import ACTIVATIONS, LayerNorm, attention, dense
+from sketchcomp_jax.models.attention import attention
+from sketchcomp_jax.models.layers import ACTIVATIONS, LayerNorm, dense
 
 Dtype = Any
 
@@ -81,11 +82,13 @@ def read_config_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
 
 class CLIPEncoderLayer(nn.Module):
     """transformers `CLIPEncoderLayer`: pre-LN self-attention and pre-LN MLP, both residual. `config` is a
-    vision or text CLIP config (same fields); `causal` for the text tower."""
+    vision or text CLIP config (same fields); `causal` for the text tower. `attention`: the backend
+    (`models.attention.BACKENDS`); "xla" because CLIP's 77/257 tokens are short enough everywhere."""
 
     config: Any
     dtype: Dtype = jnp.float32
     causal: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -94,7 +97,7 @@ class CLIPEncoderLayer(nn.Module):
         q = dense(cfg.hidden_size, "q_proj", self.dtype)(h)
         k = dense(cfg.hidden_size, "k_proj", self.dtype)(h)
         v = dense(cfg.hidden_size, "v_proj", self.dtype)(h)
-        h = attention(q, k, v, cfg.num_attention_heads, causal=self.causal)
+        h = attention(q, k, v, cfg.num_attention_heads, causal=self.causal, backend=self.attention)
         x = x + dense(cfg.hidden_size, "out_proj", self.dtype)(h)
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2")(x)
         h = ACTIVATIONS[cfg.hidden_act](dense(cfg.intermediate_size, "fc1", self.dtype)(h))

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sketchcomp_jax.models.attention import check_backend
 from sketchcomp_jax.models.clip_text import CLIPTextConfig
 from sketchcomp_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionTower
 from sketchcomp_jax.models.conditioner import MapperConfig, ReferenceConditioner
@@ -42,7 +43,8 @@ class ModelConfig:
     `sketch_stage_config.input_edge_type` (`only_mask_region`: sketch kept only inside the hole).
     `conditioning`: "example" (Paint-by-Example / -Sketch: reference image → CLIP vision → mapper, context
     (B, 1, D)) or "text" (the Paint-by-T+S baseline: tags → CLIP text tower `text`, context (B, 77, D));
-    `clip` and `mapper` are unused for text.
+    `clip` and `mapper` are unused for text. `attention`: the U-Net's attention backend
+    (`models.attention.BACKENDS`, default "auto": picked per layer for the platform; docs/attention.md).
     """
 
     unet: UNetConfig = UNetConfig()
@@ -56,8 +58,10 @@ class ModelConfig:
     sketch_edge_type: str = "only_mask_region"
     conditioning: str = "example"
     text: CLIPTextConfig | None = None
+    attention: str = "auto"
 
     def __post_init__(self):
+        check_backend(self.attention)
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         if self.conditioning == "text":
@@ -122,6 +126,7 @@ class ModelConfig:
             sketch_edge_type=raw.get("sketch_edge_type", "only_mask_region"),
             conditioning=raw.get("conditioning", "example"),
             text=CLIPTextConfig(**raw["text"]) if raw.get("text") else None,
+            attention=raw.get("attention", "auto"),
         )
 
     def replace(self, **changes) -> "ModelConfig":
@@ -137,10 +142,16 @@ class Networks:
     conditioner: ReferenceConditioner | TextConditioner
 
 
-def build_networks(config: ModelConfig, dtype: Any = jnp.float32, remat: bool = False) -> Networks:
-    """Flax modules for `config` with compute `dtype` (params stay float32) and optional remat."""
+def build_networks(config: ModelConfig, dtype: Any = jnp.float32, remat: bool = False, attention: str | None = None,
+                   platform: str | None = None) -> Networks:
+    """Flax modules for `config` with compute `dtype` (params stay float32) and optional remat.
+
+    `attention` overrides `config.attention` (None keeps it) for the U-Net; `platform` is the platform
+    the networks are compiled for (None: the mesh in context, else `jax.default_backend()`; pass "tpu"
+    to lower for a TPU from a CPU host without a TPU mesh in context)."""
+    attention = check_backend(config.attention if attention is None else attention)
     return Networks(
-        unet=UNet(config.unet, dtype=dtype, remat=remat),
+        unet=UNet(config.unet, dtype=dtype, remat=remat, attention=attention, platform=platform),
         vae=AutoencoderKL(config.vae, dtype=dtype),
         conditioner=(
             TextConditioner(config.text, dtype=dtype, remat=remat) if config.conditioning == "text"

@@ -15,10 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sketchcomp_jax.models.attention import attention
 from sketchcomp_jax.models.layers import (
     GroupNorm,
     LayerNorm,
-    attention,
     conv,
     dense,
     gelu_exact,
@@ -166,11 +166,16 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """LDM CrossAttention: bias-free q/k/v, biased output projection, scale dim_head**-0.5."""
+    """LDM CrossAttention: bias-free q/k/v, biased output projection, scale dim_head**-0.5.
+
+    `attention` names the backend (`models.attention.BACKENDS`) and `platform` the target platform
+    (None: the mesh in context, else the default backend)."""
 
     num_heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -179,7 +184,8 @@ class CrossAttention(nn.Module):
         q = dense(inner, "to_q", self.dtype, use_bias=False)(x)
         k = dense(inner, "to_k", self.dtype, use_bias=False)(context)
         v = dense(inner, "to_v", self.dtype, use_bias=False)(context)
-        out = attention(q, k, v, self.num_heads, scale=self.dim_head**-0.5)
+        out = attention(q, k, v, self.num_heads, scale=self.dim_head**-0.5, backend=self.attention,
+                        platform=self.platform)
         return dense(x.shape[-1], "to_out", self.dtype)(out)
 
 
@@ -189,12 +195,15 @@ class TransformerBlock(nn.Module):
     num_heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        x = x + CrossAttention(self.num_heads, self.dim_head, self.dtype, name="attn1")(LayerNorm(name="norm1")(x))
-        x = x + CrossAttention(self.num_heads, self.dim_head, self.dtype, name="attn2")(
+        attn = (self.num_heads, self.dim_head, self.dtype, self.attention, self.platform)
+        x = x + CrossAttention(*attn, name="attn1")(LayerNorm(name="norm1")(x))
+        x = x + CrossAttention(*attn, name="attn2")(
             LayerNorm(name="norm2")(x), context.astype(x.dtype)
         )
         h = dense(dim * 8, "ff_in", self.dtype)(LayerNorm(name="norm3")(x))
@@ -212,6 +221,8 @@ class SpatialTransformer(nn.Module):
     dim_head: int
     depth: int = 1
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -220,7 +231,8 @@ class SpatialTransformer(nn.Module):
         h = GroupNorm(32, 1e-6, name="norm")(x)
         h = dense(inner, "proj_in", self.dtype)(h).reshape(batch, height * width, inner)
         for d in range(self.depth):
-            h = TransformerBlock(self.num_heads, self.dim_head, self.dtype, name=f"transformer_blocks_{d}")(h, context)
+            h = TransformerBlock(self.num_heads, self.dim_head, self.dtype, self.attention, self.platform,
+                                 name=f"transformer_blocks_{d}")(h, context)
         h = dense(channels, "proj_out", self.dtype)(h).reshape(batch, height, width, channels)
         return x + h
 
@@ -230,12 +242,16 @@ class UNet(nn.Module):
 
     `remat=True` recomputes each block's activations in the backward pass (the original's
     `use_checkpoint`); `dtype` is the compute dtype (parameters stay float32; GroupNorm, LayerNorm and
-    softmax run in float32). The output is float32.
+    softmax run in float32). The output is float32. `attention` is the attention backend
+    (`models.attention.BACKENDS`; "auto" picks per layer) and `platform` the platform it is compiled
+    for (None: the mesh in context, else `jax.default_backend()`).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
@@ -278,9 +294,8 @@ class UNet(nn.Module):
             if isinstance(layer, ResSpec):
                 h = res_cls(layer.out_channels, self.dtype, name=name)(h, emb)
             elif isinstance(layer, AttnSpec):
-                h = attn_cls(layer.num_heads, layer.dim_head, self.config.transformer_depth, self.dtype, name=name)(
-                    h, context
-                )
+                h = attn_cls(layer.num_heads, layer.dim_head, self.config.transformer_depth, self.dtype, self.attention,
+                             self.platform, name=name)(h, context)
             elif isinstance(layer, DownSpec):
                 h = conv(layer.channels, name, self.dtype, stride=2)(h)
             elif isinstance(layer, UpSpec):

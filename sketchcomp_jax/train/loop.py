@@ -110,7 +110,8 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[st
     model_config, params, source = initial_model(cfg, fresh=start is None)
     log.info("model: %s, U-Net %d input channels, %d² images", source, model_config.unet.in_channels,
              model_config.resolution)
-    nets = build_networks(model_config, dtype=_dtype(cfg.compute_dtype), remat=bool(cfg.remat))
+    nets = build_networks(model_config, dtype=_dtype(cfg.compute_dtype), remat=bool(cfg.remat),
+                          attention=cfg.get("attention"))
     tx = make_optimizer(cfg)
     acp = jnp.asarray(schedule_for(model_config.schedule)["alphas_cumprod"])
     gather = NamedSharding(mesh, P()) if cfg.mesh.strategy == "fsdp" else None
