@@ -3,6 +3,7 @@
     python launch/convert.py --src model.ckpt --out models/pbe
     python launch/convert.py --src model.ckpt --in_channels 12 --out models/pbs_init   # PbE → PbS init
     python launch/convert.py --src pbs.ckpt --ldm_config v1_aesthetic_sketch_image.yaml --out models/pbs
+    python launch/convert.py --src sd-v1-4.ckpt --clip_from clip-vit-large-patch14 --out models/pbe_init  # SD → PbE
 
 See docs/convert.md for every flag.
 """
@@ -27,6 +28,11 @@ flags.DEFINE_integer("in_channels", None, "U-Net input channels; more than the c
 flags.DEFINE_enum("weights", None, ["raw", "ema"],
                   "U-Net weights of an LDM checkpoint with model_ema.* buffers: default follows the YAML's use_ema "
                   "(absent = True, LDM's default); raw | ema overrides.")
+flags.DEFINE_string("clip_from", None,
+                    "Stable Diffusion v1 → Paint-by-Example init: a transformers CLIPVisionModel/CLIPModel folder (or "
+                    "weights file) for the vision tower; mapper, final LN, proj_out and the unconditional vector are "
+                    "freshly initialised as the original; --in_channels 9 (default) or 12.")
+flags.DEFINE_integer("init_seed", 0, "With --clip_from: seed of the fresh mapper / proj_out / unconditional vector.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out directory.")
 
 
@@ -41,7 +47,7 @@ def main(argv):
     try:
         model, source = convert_checkpoint(
             FLAGS.src, FLAGS.ldm_config, FLAGS.clip_config, FLAGS.resolution, FLAGS.in_channels,
-            weights=FLAGS.weights,
+            weights=FLAGS.weights, clip_from=FLAGS.clip_from, init_seed=FLAGS.init_seed,
         )
         out = save_model_dir(FLAGS.out, model.config, model.params, source, overwrite=FLAGS.overwrite)
     except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:

@@ -129,10 +129,9 @@ def _guess_cause(missing: list[str], unexpected: list[str]) -> str:
     if any(k.startswith("cond_stage_model.transformer.text_model") for k in unexpected):
         hints.append(
             "this looks like a text-conditioned Stable Diffusion checkpoint (CLIP *text* encoder); "
-            "Paint-by-Example needs the CLIP vision tower, mapper and proj_out — convert a Paint-by-Example checkpoint"
+            "Paint-by-Example needs the CLIP vision tower, mapper and proj_out — convert a Paint-by-Example checkpoint, "
+            "or pass --clip_from CLIP_FOLDER to initialise Paint-by-Example from it as the original does"
         )
-    if any(k.startswith("model_ema.") for k in unexpected):
-        hints.append("the checkpoint holds EMA weights under model_ema.*")
     if missing and all(not k.startswith(UNET_PREFIX) for k in missing) and any(
         k.startswith("cond_stage_model") for k in missing
     ):
