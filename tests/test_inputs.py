@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sketchcomp_jax.diffusion.inputs import latent_conditioning, resize_bilinear_no_antialias, sketch_for_input
+from sketchcomp_jax.diffusion.inputs import latent_conditioning, sketch_for_input
+from sketchcomp_jax.ops.resize import resize_bilinear as resize_bilinear_no_antialias
 
 
 @pytest.mark.parametrize("src,dst", [((64, 64), (16, 16)), ((512, 512), (64, 64)), ((37, 50), (11, 23)), ((8, 8), (20, 13))])

@@ -18,7 +18,8 @@ from sketchcomp_jax.data.sketches import (
     pidinet_edges,
     preprocess_pidinet,
 )
-from sketchcomp_jax.models.pidinet import PiDiNet, bilinear_resize_align_corners_false
+from sketchcomp_jax.models.pidinet import PiDiNet
+from sketchcomp_jax.ops.resize import resize_bilinear
 from sketchcomp_jax.weights.errors import CheckpointError, CheckpointNotFoundError
 from sketchcomp_jax.weights.pidinet_weights import (
     PidinetCheckpointError,
@@ -184,7 +185,7 @@ def test_bilinear_matches_torch():
 
     x = np.random.default_rng(0).standard_normal((2, 5, 7, 3)).astype(np.float32)
     for size in [(37, 53), (40, 56), (5, 7), (3, 4)]:
-        ours = np.asarray(bilinear_resize_align_corners_false(x, size))
+        ours = np.asarray(resize_bilinear(x, *size))
         ref = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size, mode="bilinear", align_corners=False)
         np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=2e-6, rtol=0)
 

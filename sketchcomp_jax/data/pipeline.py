@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sketchcomp_jax.data import records
+from sketchcomp_jax.ops.resize import resize_bilinear_np, resize_u8_bilinear  # noqa: F401  (T.Resize; re-exported)
 
 # The original's constants.
 REFERENCE_PAD = 10  # px added around the RoI for the reference crop (clipped to the image)
@@ -207,67 +208,6 @@ def square_crop_window(size: tuple[int, int], ext: Sequence[int], rng: np.random
         r = _randint(rng, 0, int(CROP_FREE_FRACTION * free))
         return upper + r, upper + w - r, r, w - r
     return 0, h, 0, w
-
-
-# --------------------------------------------------------------------------------------------------
-# torchvision 0.12 T.Resize on tensors: bilinear, align_corners=False, no antialias (float32)
-# --------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def _torch_axis(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and float32 weights of PyTorch's linear interpolation along one axis:
-    ``src = max(scale·(dst + 0.5) − 0.5, 0)`` with ``scale = float32(in)/out``, the multiply-subtract
-    fused (one rounding) as PyTorch's CPU kernels compute it (checked against ``F.interpolate``; a
-    separately rounded product differs by one float32 ulp of ``src`` for sizes like 421 → 333)."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    x = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
-    src = np.maximum((x.astype(np.float64) * np.float64(scale) - 0.5).astype(np.float32), np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    w1 = (src - i0).astype(np.float32)
-    w0 = (np.float32(1) - w1).astype(np.float32)
-    return i0, i1, w0, w1
-
-
-def resize_u8_bilinear(x: np.ndarray, height: int, width: int, lut: np.ndarray) -> np.ndarray:
-    """``T.Resize([height, width])`` (bilinear, no antialias) of the float32 tensor ``lut[x]`` for a uint8
-    (h, w, c) array, without converting the whole input: only the ≤ 2 source rows/columns each output
-    pixel reads are gathered and mapped through ``lut`` (e.g. ToTensor + Normalize). Returns float32
-    (height, width, c). Interpolates along the width first, then the height, like PyTorch's kernel
-    (agrees with ``F.interpolate`` to 2 float32 ulp; an axis of unchanged size is copied exactly)."""
-    h, w = x.shape[:2]
-    if (h, w) == (height, width):
-        return lut[x]
-    i0, i1, hw0, hw1 = _torch_axis(h, height)
-    if w == width:
-        top, bottom = lut[x.take(i0, axis=0)], lut[x.take(i1, axis=0)]
-    else:
-        j0, j1, ww0, ww1 = _torch_axis(w, width)
-        ww0 = ww0[None, :, None]
-        ww1 = ww1[None, :, None]
-        r0 = x.take(i0, axis=0)
-        r1 = x.take(i1, axis=0)
-        top = lut[r0.take(j0, axis=1)] * ww0
-        top += lut[r0.take(j1, axis=1)] * ww1
-        bottom = lut[r1.take(j0, axis=1)] * ww0
-        bottom += lut[r1.take(j1, axis=1)] * ww1
-    if h == height:
-        return top
-    top *= hw0[:, None, None]
-    bottom *= hw1[:, None, None]
-    top += bottom
-    return top
-
-
-def resize_bilinear_np(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Float (h, w, c) → (height, width, c), the same no-antialias bilinear as :func:`resize_u8_bilinear`."""
-    h, w = x.shape[:2]
-    i0, i1, hw0, hw1 = _torch_axis(h, height)
-    j0, j1, ww0, ww1 = _torch_axis(w, width)
-    x = np.asarray(x, np.float32)
-    cols = x.take(j0, axis=1) * ww0[None, :, None] + x.take(j1, axis=1) * ww1[None, :, None]
-    return (cols.take(i0, axis=0) * hw0[:, None, None] + cols.take(i1, axis=0) * hw1[:, None, None]).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------

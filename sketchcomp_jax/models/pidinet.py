@@ -17,7 +17,7 @@ Layout and semantics
   column at the bottom/right is dropped (``padding='VALID'`` here).
 * Side outputs are up-sampled with PyTorch ``F.interpolate(mode='bilinear', align_corners=False)``
   semantics (source coordinate ``(dst + 0.5) * in/out - 0.5`` clamped at 0, neighbours clamped at the
-  border), implemented explicitly as two small interpolation matrices per side output.
+  border), by the project's one resize, ``ops.resize.resize_bilinear``.
 
 Parameter tree (mirrors the PyTorch module names one-to-one; kernels HWIO)::
 
@@ -39,14 +39,14 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from sketchcomp_jax.ops.resize import resize_bilinear
 
 __all__ = [
     "CARV4_PDCS",
     "PIDINET_FUSE",
     "PIDINET_OUTPUTS",
     "PiDiNet",
-    "bilinear_resize_align_corners_false",
 ]
 
 # Pixel-difference type of init_block, block1_1 .. block4_4 in the ``carv4`` configuration.
@@ -84,38 +84,6 @@ def _conv(
         param_dtype=jnp.float32,
         name=name,
     )
-
-
-def _interp_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """(out_size, in_size) matrix of PyTorch's 1-D linear interpolation, align_corners=False."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float32)
-    src = np.maximum((dst + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0.0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    lam1 = (src - i0.astype(np.float32)).astype(np.float32)
-    lam0 = np.float32(1.0) - lam1
-    m = np.zeros((out_size, in_size), np.float32)
-    rows = np.arange(out_size)
-    np.add.at(m, (rows, i0), lam0)
-    np.add.at(m, (rows, i1), lam1)
-    return m
-
-
-def bilinear_resize_align_corners_false(x: jax.Array, size: tuple[int, int], precision: Any = None) -> jax.Array:
-    """Resizes NHWC ``x`` to ``size = (H, W)`` like ``F.interpolate(mode='bilinear', align_corners=False)``.
-
-    Exact PyTorch semantics for up- and down-sampling (no anti-aliasing): separable, two static
-    interpolation matrices built with numpy at trace time.
-    """
-    out_h, out_w = size
-    in_h, in_w = x.shape[1], x.shape[2]
-    if (in_h, in_w) == (out_h, out_w):
-        return x
-    mh = jnp.asarray(_interp_matrix(out_h, in_h), dtype=x.dtype)
-    mw = jnp.asarray(_interp_matrix(out_w, in_w), dtype=x.dtype)
-    y = jnp.einsum("oh,bhwc->bowc", mh, x, precision=precision)
-    return jnp.einsum("pw,bowc->bopc", mw, y, precision=precision)
 
 
 class PDCBlockConverted(nn.Module):
@@ -239,7 +207,7 @@ class PiDiNet(nn.Module):
             y = CDCM(self.dil, name=f"dilations_{i}", **kw)(xi)
             y = CSAM(self.mid_attention, name=f"attentions_{i}", **kw)(y)
             e = MapReduce(name=f"conv_reduces_{i}", **kw)(y)
-            logits.append(bilinear_resize_align_corners_false(e, (height, width), precision=self.precision))
+            logits.append(resize_bilinear(e, height, width))
         side = jnp.concatenate(logits, axis=-1)  # (B, H, W, 4)
         fuse = _conv(1, 1, "classifier", **kw)(side)
         return nn.sigmoid(jnp.concatenate([side, fuse], axis=-1).astype(jnp.float32))
