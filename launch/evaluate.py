@@ -42,6 +42,10 @@ flags.DEFINE_string("inception_weights", None, "FID Inception weights (pt_incept
 flags.DEFINE_string("clip_weights", None, "transformers CLIP folder for CLIP-I / CLIP-FD (default: the model's own CLIP tower).")
 flags.DEFINE_string("pidinet_weights", None, "PiDiNet weights for re-extracting edges on PiDiNet datasets.")
 flags.DEFINE_bool("export_inputs", False, "Also write each record's image/mask/sketch/reference PNGs to <samples>/inputs/.")
+flags.DEFINE_string("coordinator", None, "Multi-host without a cluster environment: host:port of process 0 (TPU pods "
+                    "and SLURM are detected without it). Every host runs the same command with its --process_id.")
+flags.DEFINE_integer("num_processes", None, "With --coordinator: the number of processes.")
+flags.DEFINE_integer("process_id", None, "With --coordinator: this process's index, 0 … num_processes-1.")
 
 
 def main(argv):
@@ -53,6 +57,16 @@ def main(argv):
     if not FLAGS.model and not FLAGS.samples:
         print("evaluate.py: error: give --model (to generate) and/or --samples (images to score)", file=sys.stderr)
         return 2
+    if (FLAGS.coordinator is None) != (FLAGS.num_processes is None) or (FLAGS.num_processes is None) != (
+            FLAGS.process_id is None):
+        print("evaluate.py: error: give all of --coordinator, --num_processes and --process_id, or none",
+              file=sys.stderr)
+        return 2
+    import jax
+
+    from sketchcomp_jax.parallel.mesh import initialize_distributed
+
+    initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     settings = EvalSettings(
         split=FLAGS.split, num=FLAGS.num, batch_size=FLAGS.batch_size, seed=FLAGS.seed, sampler=FLAGS.sampler,
         steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale, sketch_drop_after=FLAGS.sketch_drop_after,
@@ -68,8 +82,9 @@ def main(argv):
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    print(open(os.path.splitext(FLAGS.out)[0] + ".md").read())
-    print(f"wrote {FLAGS.out} ({results['num_images']} images, {results['generated_now']} generated now)")
+    if jax.process_index() == 0:  # the other hosts only generated and scored their share
+        print(open(os.path.splitext(FLAGS.out)[0] + ".md").read())
+        print(f"wrote {FLAGS.out} ({results['num_images']} images, {results['generated_now']} generated now)")
     return 0
 
 

@@ -56,6 +56,17 @@ class BatchGenerator:
             use_cfg=self.guidance_scale != 1.0, alphas_cumprod=acp,
         )
         self._prepare = jax.jit(self._prepare_impl)
+        # Per-sample keys fold_in(PRNGKey(seed), id), compiled once (eager ops on sharded ids would be dispatched
+        # anew at every call).
+        self._keys = jax.jit(lambda base, ids: jax.vmap(lambda i: jax.random.fold_in(base, i))(ids))
+        if mesh is not None:
+            # Each device runs the whole single-device generation on its slice of the batch (shard_map): no
+            # cross-device traffic at all, where GSPMD would reshard at every step (classifier-free guidance
+            # concatenates the conditional and unconditional halves along the batch).
+            batch, rep = jax.sharding.PartitionSpec(mesh.axis_names), jax.sharding.PartitionSpec()
+            self._sharded_images = jax.jit(jax.shard_map(
+                lambda p, x, k, r: self.images(p, x, k, r if self.eta > 0 else None), mesh=mesh,
+                in_specs=(rep, batch, batch, rep), out_specs=batch, check_vma=False))
         self._decode = jax.jit(
             lambda p, z: nets.vae.apply({"params": p}, (1.0 / config.scale_factor) * z, method=AutoencoderKL.decode)
         )
@@ -101,14 +112,16 @@ class BatchGenerator:
         base = jax.random.PRNGKey(seed)
         if self._batch_sharding is None:
             inputs = {k: jnp.asarray(v) for k, v in arrays.items()}
-            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids))
+            keys = self._keys(base, jnp.asarray(ids))
         else:
             pad = -n % self.mesh.size
             if pad:  # repeat the last element: per-sample keys keep the real samples' results unchanged
                 ids = np.concatenate([ids, np.repeat(ids[-1:], pad)])
                 arrays = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in arrays.items()}
             inputs = jax.device_put(arrays, self._batch_sharding)
-            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jax.device_put(ids, self._batch_sharding))
+            keys = self._keys(base, jax.device_put(ids, self._batch_sharding))
+            rng = jax.random.fold_in(base, 2**31 - 1)  # replicated; used only with eta > 0
+            return np.asarray(self._sharded_images(params, inputs, keys, rng), np.float32)[:n]
         x_T, cond = self._prepare(params, inputs, keys)
         rng = jax.random.fold_in(base, 2**31 - 1) if self.eta > 0 else None
         latents = self._run(params["unet"], x_T, cond, jnp.float32(self.guidance_scale), rng)

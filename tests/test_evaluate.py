@@ -5,6 +5,7 @@ from pathlib import Path
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -204,3 +205,87 @@ def test_streaming_results_equal_the_in_memory_reference(first_run, tiny_model, 
     for k, v in summary.items():
         tol = 1e-6 if k == "clip_fd" else 1e-12
         assert m[k] == pytest.approx(v, rel=tol, abs=1e-12, nan_ok=True) or (m[k] is None and np.isnan(v)), k
+
+
+# ------------------------------------------------------------------ memory and hosts (slow: run with -m slow)
+
+_PEAK_RSS = """
+import resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(proc.stderr[-3000:])
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 if proc.returncode == 0 else -1)
+"""
+
+
+def peak_rss_of(cmd, env=None) -> int:
+    """Peak resident set size (bytes) of the command, measured by a fresh parent (getrusage of its only child)."""
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, *cmd], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=1800, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-3000:]
+    rss = int(proc.stdout.strip().splitlines()[-1])
+    assert rss > 0, proc.stderr[-3000:]
+    return rss
+
+
+@pytest.fixture(scope="module")
+def big_test_split(tmp_path_factory):
+    """A synthetic data set with at least 64 test records at the tiny model's 64 px."""
+    from sketchcomp_jax.data.pipeline import RecordSource
+
+    path = write_synthetic_dataset(str(tmp_path_factory.mktemp("evalbig") / "synth"), 160, seed=7, size=64,
+                                   test_fraction=0.5)
+    assert len(RecordSource(path, "test")) >= 64
+    return path
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_number_of_test_images(tiny_model, tiny_model_dir, big_test_split,
+                                                                    tmp_path):
+    """Acceptance: `launch/evaluate.py` peak RSS at 8 and at 64 test images (generation, PNGs, L1/L2, sketch
+    scores, CLIP-I and CLIP-FD) differs by less than the model's parameter bytes."""
+    model_bytes = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tiny_model[1]))
+    rss = {}
+    for num in (8, 64):
+        cmd = ["launch/evaluate.py", f"--model={tiny_model_dir}", f"--data={big_test_split}", f"--num={num}",
+               "--batch_size=8", "--steps=2", "--sampler=ddim", f"--out={tmp_path / f'n{num}.json'}"]
+        rss[num] = peak_rss_of(cmd)
+        assert json.loads((tmp_path / f"n{num}.json").read_text())["num_images"] == num
+    print(f"peak RSS: 8 images {rss[8] / 2**20:.1f} MiB, 64 images {rss[64] / 2**20:.1f} MiB, "
+          f"difference {(rss[64] - rss[8]) / 2**20:+.2f} MiB; model {model_bytes / 2**20:.2f} MiB")
+    assert abs(rss[64] - rss[8]) < model_bytes
+
+
+@pytest.mark.slow
+def test_two_hosts_give_the_single_host_results(tiny_model_dir, data_dir, tmp_path):
+    """2 JAX processes on localhost (2 CPU devices each, gloo): each generates and scores every other batch,
+    process 0 merges the partial sums. The results equal one process's on the same 2-device layout (same
+    per-device batch, so identical images): rows and means to 1e-12 relative, CLIP-FD to 1e-6."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               SKETCHCOMP_CPU_COLLECTIVES="gloo")
+    common = ["launch/evaluate.py", f"--model={tiny_model_dir}", f"--data={data_dir}", "--num=6", "--batch_size=2",
+              "--steps=2", "--sampler=ddim"]
+    procs = [subprocess.Popen([sys.executable, *common, f"--out={tmp_path / 'two.json'}",
+                               f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "| L1 (hole) |" in outs[0] and "| L1 (hole) |" not in outs[1]  # only process 0 reports
+    one = subprocess.run([sys.executable, *common, f"--out={tmp_path / 'one.json'}"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, single = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["num_images"] == single["num_images"] == 6 and two["generated_now"] == 6
+    assert [r["id"] for r in two["per_image"]] == [r["id"] for r in single["per_image"]]
+    for a, b in zip(two["per_image"], single["per_image"]):
+        assert a == pytest.approx(b, rel=1e-12, nan_ok=True)
+    for k, v in single["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, rel=1e-6 if k == "clip_fd" else 1e-12, nan_ok=True), k
+    assert not (tmp_path / "two.partial").exists()  # the partial sums are removed once merged
