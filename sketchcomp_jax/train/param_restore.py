@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, NamedTuple
 
 import jax
