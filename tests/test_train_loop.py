@@ -1,7 +1,10 @@
 """The training loop end to end: falling loss, resume = uninterrupted run, restore on another mesh,
 preemption by SIGTERM, and a real 2-process (CPU collectives) run."""
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,19 +98,30 @@ def _cli(workdir, data_dir, *extra, env_extra=None):
 
 
 def test_sigterm_saves_and_the_rerun_resumes(data_dir, tmp_path):
-    cmd, env = _cli(tmp_path, data_dir, "--config.total_steps=100000", "--config.checkpoint_every=100000")
+    """SIGTERM between log steps (log_every is huge): the checkpoint AND every metrics row up to it are saved."""
+    import threading
+
+    cmd, env = _cli(tmp_path, data_dir, "--config.total_steps=100000", "--config.checkpoint_every=100000",
+                    "--config.log_every=100000")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    chunks = []  # the progress bar is the only sign of progress: no rows are logged before the signal
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(64), "")), daemon=True)
+    reader.start()
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 3:
+    while time.time() < deadline and proc.poll() is None:
+        if any(int(n) >= 3 for n in re.findall(r"(\d+)/100000", "".join(chunks))):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
+    assert not (tmp_path / "metrics.jsonl").exists() or not metrics(tmp_path)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    out = "".join(chunks)
     assert proc.returncode == 0, out[-3000:]
     assert "preempted" in out
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 3
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, saved[0] + 1))  # flushed at the preemption
     cmd, env = _cli(tmp_path, data_dir, f"--config.total_steps={saved[0] + 2}")
     done = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -120,16 +134,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_training(data_dir, tmp_path):
-    # make the data set first so both processes find it complete
-    from sketchcomp_jax.data.synthetic import write_synthetic_dataset
-
-    write_synthetic_dataset(str(data_dir), 24, seed=0)
+def test_two_process_training(tmp_path):
+    # process 0 makes the data set while process 1 waits at a barrier (tests/test_multihost.py: FSDP, sampling,
+    # eval, preemption)
+    data_dir = tmp_path / "data"
     port = _free_port()
     procs = []
     for pid in range(2):
-        cmd, env = _cli(tmp_path, data_dir, "--config.total_steps=4", "--config.checkpoint_every=2",
-                        "--config.batch_size=8", "--config.data.synthetic_images=0",
+        cmd, env = _cli(tmp_path / "run", data_dir, "--config.total_steps=4", "--config.checkpoint_every=2",
+                        "--config.batch_size=8",
                         f"--config.distributed.coordinator=127.0.0.1:{port}",
                         "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
                         env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -139,8 +152,8 @@ def test_two_process_training(data_dir, tmp_path):
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
-    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
 
 def test_trained_run_exports_and_converts_back(uninterrupted, tmp_path):
@@ -232,3 +245,81 @@ def test_loss_falls_on_the_demo_config(data_dir, tmp_path):
     losses = [r["loss"] for r in metrics(tmp_path)]
     assert len(losses) == 40
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+
+
+def _truncate_largest_file(directory):
+    """Damages a checkpoint as a crash mid-copy or a full disk would: its largest data file loses its tail."""
+    largest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint_and_a_torn_metrics_line(uninterrupted, data_dir, tmp_path, caplog):
+    """Latest checkpoint (6) truncated, metrics.jsonl ending in half a row: the resume warns once for each,
+    moves step 6 aside (kept), resumes from 3 and reproduces the uninterrupted losses exactly (same programs
+    and data on the same CPU: bit-equal)."""
+    full_dir, _ = uninterrupted
+    shutil.copytree(full_dir / "checkpoints", tmp_path / "checkpoints")
+    shutil.copy(full_dir / "model_config.json", tmp_path)
+    _truncate_largest_file(tmp_path / "checkpoints" / "6" / "state")
+    torn = (full_dir / "metrics.jsonl").read_text() + '{"step": 7, "loss": 0.5'
+    (tmp_path / "metrics.jsonl").write_text(torn)
+    with caplog.at_level(logging.WARNING):
+        summary = train(tiny_cfg(data_dir), str(tmp_path))
+    assert summary["step"] == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    skipped = [w for w in warnings if w.startswith("checkpoint step 6 ") and "could not be restored" in w]
+    assert len(skipped) == 1 and "OUT_OF_RANGE" in skipped[0] and len(skipped[0]) < 700, warnings
+    assert any(str(tmp_path / "metrics.jsonl") in w and "last line" in w for w in warnings), warnings
+    assert (tmp_path / "checkpoints_unrestorable" / "6" / "state").is_dir()  # kept, not deleted
+    a, b = metrics(full_dir), metrics(tmp_path)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    np.testing.assert_array_equal([r["loss"] for r in b], [r["loss"] for r in a])
+
+
+def _tiny_checkpoints(directory, steps):
+    from sketchcomp_jax.train.checkpointing import Checkpointer
+
+    ckpt = Checkpointer(directory, max_to_keep=10, async_save=False)
+    for step in steps:
+        ckpt.save(step, {"w": np.full((64, 64), step, np.float32)}, None, {"step": step}, force=True)
+    return ckpt
+
+
+def test_restore_falls_back_to_the_newest_good_step(tmp_path):
+    ckpt = _tiny_checkpoints(tmp_path, [1, 2, 3])
+    for step in (2, 3):
+        _truncate_largest_file(tmp_path / "checkpoints" / str(step) / "state")
+    abstract = {"w": jax.ShapeDtypeStruct((64, 64), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    step, state = ckpt.restore_latest_good(abstract, None)
+    assert step == 1 and float(state["w"][0, 0]) == 1.0
+    assert ckpt.all_steps() == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints_unrestorable").iterdir()) == ["2", "3"]
+    ckpt.save(2, {"w": np.zeros((64, 64), np.float32)}, None, {}, force=True)  # the step number is free again
+    assert ckpt.all_steps() == [1, 2]
+    ckpt.close()
+
+
+def test_no_restorable_checkpoint_is_one_error_and_nothing_moves(tmp_path):
+    from sketchcomp_jax.train.checkpointing import UnrestorableCheckpoint
+
+    ckpt = _tiny_checkpoints(tmp_path, [1, 2])
+    wrong_shape = {"w": jax.ShapeDtypeStruct((32, 32), np.float32,
+                                             sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    with pytest.raises(UnrestorableCheckpoint, match=r"step 2: .*; step 1: .*use the config the run was started"):
+        ckpt.restore_latest_good(wrong_shape, None)
+    assert ckpt.all_steps() == [1, 2] and not (tmp_path / "checkpoints_unrestorable").exists()
+    ckpt.close()
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    from sketchcomp_jax.train.metrics_writer import MetricsWriter
+
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    with caplog.at_level(logging.WARNING):
+        writer.truncate_after(3)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert str(tmp_path / "metrics.jsonl") in warning and "last line" in warning

@@ -101,12 +101,26 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 # --------------------------------------------------------------------------------------------------
 
 
-def barrier(name: str) -> None:
-    """Blocks until every process has reached the barrier `name` (e.g. after process 0 made the data set)."""
-    if jax.process_count() > 1:
+_barriers: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Blocks until every process has reached the barrier `name` (e.g. after process 0 made the data set,
+    or after compiling: processes that reach their first collective minutes apart fail on CPU, where gloo
+    gives up connecting after 30 s). Uses the coordination service (no device program), so the wait may
+    be long: `timeout_s`."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    _barriers[name] = _barriers.get(name, 0) + 1  # barrier ids must be unique per use
+    client = distributed.global_state.client
+    if client is None:  # initialised by a cluster runtime we do not see: a device collective instead
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"{name}#{_barriers[name]}", timeout_in_ms=timeout_s * 1000)
 
 
 def all_processes(ok: bool) -> bool:
@@ -130,6 +144,15 @@ def replicate(mesh: Mesh, tree):
     return jax.tree_util.tree_map(one, tree)
 
 
+def place(tree, shardings):
+    """Host-identical values (e.g. a seeded random init, computed by every process) → global arrays with
+    `shardings`. Each process copies only its own devices' slices; unlike `jax.device_put` of a local array
+    onto a multi-process sharding, this runs no cross-process program per leaf."""
+    host = jax.device_get(tree)
+    return jax.tree_util.tree_map(
+        lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda index: np.asarray(x)[index]), host, shardings)
+
+
 class AnyProcess:
     """`any_process.start(flag)` dispatches, without waiting, an OR of a per-process boolean over all
     processes; the returned replicated scalar is read later (`bool(result)`), so a flag checked every step
@@ -139,7 +162,9 @@ class AnyProcess:
         self._devices = list(mesh.devices.flat)
         self._sharding = NamedSharding(Mesh(np.asarray(self._devices), ("all",)), P("all"))
         self._replicated = NamedSharding(self._sharding.mesh, P())
-        self._max = jax.jit(lambda x: x.max(), out_shardings=self._replicated)
+        # compiled now, not at its first use, so that a barrier after start-up covers it
+        self._max = jax.jit(lambda x: x.max(), out_shardings=self._replicated).lower(
+            jax.ShapeDtypeStruct((len(self._devices),), np.int32, sharding=self._sharding)).compile()
 
     def start(self, flag: bool) -> jax.Array:
         value = np.asarray([int(bool(flag))], np.int32)

@@ -8,13 +8,14 @@ process 0 writes it. Nothing here calls `jax.device_get` on an array that spans 
 from __future__ import annotations
 
 import logging
+import time
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sketchcomp_jax.generation import BatchGenerator
 from sketchcomp_jax.models.config import ModelConfig, Networks
-from sketchcomp_jax.parallel.mesh import replicate
+from sketchcomp_jax.parallel.mesh import barrier, replicate
 from sketchcomp_jax.train.loss import diffusion_loss
 from sketchcomp_jax.train.state import TrainState, merge_params
 
@@ -27,6 +28,16 @@ def _gathered(tree, gather: NamedSharding | None):
     if gather is None:
         return tree
     return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, gather), tree)
+
+
+def _compile_once(jitted, args, what: str):
+    """AOT-compiles `jitted` for `args` (the run keeps the executable: one compile per run, whatever the
+    jit cache does), then waits for every process, whose compile may have taken longer (cache misses)."""
+    t0 = time.time()
+    compiled = jitted.lower(*args).compile()
+    log.info("compiled the %s program: %.1f s", what, time.time() - t0)
+    barrier(f"sketchcomp: {what} compiled")
+    return compiled
 
 
 class EvalLoss:
@@ -43,12 +54,17 @@ class EvalLoss:
             key = jax.random.PRNGKey(1000 + index)
             return diffusion_loss(params, batch, key, nets, model_config, alphas_cumprod, 0.0)[0]
 
-        self.fn = jax.jit(loss_of, in_shardings=(state_shardings.trainable, state_shardings.frozen, batch_sharding,
-                                                  replicated), out_shardings=replicated)
+        self._jit = jax.jit(loss_of, in_shardings=(state_shardings.trainable, state_shardings.frozen,
+                                                    batch_sharding, replicated), out_shardings=replicated)
+        self.compiled = None
 
     def __call__(self, state: TrainState, global_batches) -> float:
-        losses = [self.fn(state.trainable, state.frozen, batch, replicate(self._mesh, np.int32(i)))
-                  for i, batch in enumerate(global_batches)]
+        losses = []
+        for i, batch in enumerate(global_batches):
+            args = (state.trainable, state.frozen, batch, replicate(self._mesh, np.int32(i)))
+            if self.compiled is None:
+                self.compiled = _compile_once(self._jit, args, "eval loss")
+            losses.append(self.compiled(*args))
         # the loss is replicated: reading it needs only this process's copy
         return float(np.mean([float(x) for x in losses])) if losses else float("nan")
 
@@ -70,15 +86,19 @@ class SampleGrid:
             keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
             return generator.images(params, inputs, keys)
 
-        self.fn = jax.jit(program, in_shardings=(state_shardings.trainable, state_shardings.frozen, replicated,
-                                                 replicated), out_shardings=replicated)
+        self._jit = jax.jit(program, in_shardings=(state_shardings.trainable, state_shardings.frozen, replicated,
+                                                   replicated), out_shardings=replicated)
+        self.compiled = None
 
     def __call__(self, state: TrainState, batch: dict) -> np.ndarray:
         n = min(4, batch["gt"].shape[0])
         keys = ("gt", "keep_mask", "sketch", self._config.conditioning_input)
         small = {k: np.asarray(batch[k][:n]) for k in keys}
-        result = self.fn(state.trainable, state.frozen, replicate(self._mesh, small),
-                         replicate(self._mesh, np.arange(n, dtype=np.uint32)))
+        args = (state.trainable, state.frozen, replicate(self._mesh, small),
+                replicate(self._mesh, np.arange(n, dtype=np.uint32)))
+        if self.compiled is None:
+            self.compiled = _compile_once(self._jit, args, "sample grid")
+        result = self.compiled(*args)
         return grid_image(self._config, small, np.asarray(result))
 
 
@@ -107,4 +127,5 @@ def save_png(path, image: np.ndarray) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    with path.open("wb") as f:  # a file object: PIL would open a gs:// path as a local file name
+        Image.fromarray(image).save(f, format="PNG")
