@@ -2,10 +2,10 @@
 
 Tolerances, relative to max |reference| (forward output, or each gradient w.r.t. q, k, v):
 * float32: 1e-5. The backends compute the same sums in another order (query blocks, a kernel's
-  online softmax over 128-key blocks, zero-padded head dims); measured errors are ~1e-6.
-* bfloat16 (backend in bf16 vs xla in bf16): 3e-2. bf16 keeps 8 mantissa bits (eps 7.8e-3); the
+  online softmax over 128-key blocks, zero-padded head dims); measured errors are <= 1.1e-6.
+* bfloat16 (backend in bf16 vs xla in bf16): 2e-2. bf16 keeps 8 mantissa bits (eps 7.8e-3); the
   softmax weights are rounded to bf16 before the value product in a different order per backend, and
-  splash multiplies q by the scale before rounding. Measured errors are ~1e-2.
+  splash multiplies q by the scale before rounding. Measured errors are <= 7.4e-3 (about one bf16 ulp).
 Splash runs in Pallas interpret mode here, so its cases are few and small (lengths 64-256).
 """
 import os
@@ -25,7 +25,7 @@ from sketchcomp_jax.parallel.mesh import make_mesh
 
 from tests.conftest import REPO_ROOT
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
 def reference_einsums(q, k, v, num_heads, scale=None, causal=False):
