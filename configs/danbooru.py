@@ -4,6 +4,9 @@ Prepare once:
     python launch/convert.py --src Paint-by-Example/model.ckpt --out models/pbe
     python launch/prepare_data.py --images danbooru/images --tags danbooru/tags --out data/danbooru \
         --sketcher pidinet --pidinet_weights table5_pidinet.pth
+(prepare_data.py's defaults keep every image at its native size and run PiDiNet unpadded, so the sketches
+are the original's; the crop constants, 10 px pad and ±5 px jitter, assume native resolution: do not add
+--max_side or --pidinet_bucket for the paper setting.)
 
 Single GPU node (all local GPUs, data parallel):
     python launch/train.py --config=configs/danbooru.py --workdir runs/pbs \

@@ -28,13 +28,15 @@ flags.DEFINE_enum("sketcher", "xdog", ["pidinet", "xdog"], "Sketch extractor: pi
 flags.DEFINE_string("pidinet_weights", None, "PiDiNet weights (table5_pidinet.pth or .safetensors) for --sketcher pidinet.")
 flags.DEFINE_float("test_fraction", 0.2, "Fraction of images in the test split (by a seeded hash of the file id).")
 flags.DEFINE_integer("seed", 0, "Seed of the split hash (and of the synthetic scenes).")
-flags.DEFINE_integer("max_side", 1024, "Cap on the longer image side (Lanczos downscale); 0 = no cap.")
+flags.DEFINE_integer("max_side", 0, "Cap on the longer image side (Lanczos downscale); 0 (default) = native size, "
+                     "as the original sketches and crops.")
 flags.DEFINE_string("save_sketches", None, "Also write every sketch as a PNG under this folder.")
 flags.DEFINE_integer("synthetic", None, "Instead of --images: write N procedural cartoon scenes with exact line art.")
 flags.DEFINE_integer("size", 256, "Image size of the synthetic scenes.")
 flags.DEFINE_integer("shard_size", 1000, "Images per ArrayRecord shard (the unit of resume).")
 flags.DEFINE_integer("num_threads", None, "Threads for decoding/encoding (default min(8, cores)).")
-flags.DEFINE_integer("pidinet_bucket", 64, "Pad images to multiples of this before PiDiNet (1 = native sizes).")
+flags.DEFINE_integer("pidinet_bucket", 0, "0 (default) = PiDiNet at each native size, the original's sketches; "
+                     "N > 1 pads to multiples of N (fewer compilations, approximate: a few % of pixels differ).")
 flags.DEFINE_integer("batch_size", 8, "PiDiNet batch size (images of one padded shape).")
 flags.DEFINE_bool("overwrite", False, "Replace a different preparation found in --out.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")

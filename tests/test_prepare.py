@@ -420,7 +420,7 @@ def test_other_settings_are_refused(plain_folder, tmp_path):
 
 def test_pidinet_sketcher(fixtures_dir, tmp_path):
     """Three 40 × 56 images: ``--pidinet_bucket 1`` is PiDiNet at the native size (the original's way), as
-    one batch; the default bucket (64) pads to 64 × 64 and changes the sketch near the padded border."""
+    one batch; the approximate bucket 64 pads to 64 × 64 and changes the sketch near the padded border."""
     from sketchcomp_jax.data.sketches import PidinetSketcher
 
     weights = fixtures_dir / "pidinet" / "table5_pidinet.pth"
@@ -438,7 +438,7 @@ def test_pidinet_sketcher(fixtures_dir, tmp_path):
     assert meta["settings"]["pidinet_bucket"] == 1
 
     prepare_dataset(tmp_path, tmp_path / "bucketed", sketcher="pidinet", pidinet_weights=os.fspath(weights),
-                    test_fraction=0.0, progress=False)
+                    pidinet_bucket=64, test_fraction=0.0, progress=False)
     bucketed = _read_all(tmp_path / "bucketed")
     for item_id, r in bucketed.items():
         ref = recs[item_id]["sketch"]

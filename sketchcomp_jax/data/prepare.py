@@ -5,8 +5,9 @@ For every image file under ``images_dir`` (recursive; .jpg/.jpeg/.png/.webp/.bmp
 1. decode it; corrupt, truncated, empty and non-image files are skipped with a reason and counted;
 2. convert it to 8-bit RGB: grayscale/palette/CMYK/YCbCr/LAB/HSV via PIL, 16-bit by scaling (÷257),
    transparency (RGBA, LA, palette with transparency) composited over white;
-3. cap its longer side at ``max_side`` (Lanczos; JPEGs are first decoded at a reduced scale with
-   ``draft`` when they are more than twice too large);
+3. only when asked (``max_side`` > 0; the default 0 keeps the native size, as the original, whose pixel
+   constants assume it), cap its longer side at ``max_side`` (Lanczos; JPEGs are first decoded at a reduced
+   scale with ``draft`` when they are more than twice too large);
 4. make its sketch: PiDiNet (the paper's sketches, :class:`~sketchcomp_jax.data.sketches.PidinetSketcher`,
    binarised at 0.6) or XDoG (no weights), at the stored image's resolution;
 5. store the image bytes untouched when they need no change (a JPEG or an 8-bit RGB PNG below the cap),
@@ -245,10 +246,15 @@ class XdogSketcher:
 
 
 class BucketedPidinet:
-    """PiDiNet on a list of images of any sizes: each image is padded (reflect, bottom/right) to a
-    multiple of ``bucket`` pixels so that few shapes are compiled, images of one shape run as one batch
-    of up to ``batch_size``, and the sketch is cropped back. ``bucket=1`` runs every image at its native
-    size (the original's behaviour; one compilation per distinct size)."""
+    """PiDiNet on a list of images of any sizes; images of one (run) shape go as one batch of up to
+    ``batch_size``.
+
+    ``bucket`` 0 (the default) or 1 runs every image at its native size: the original's sketches, one
+    compilation per distinct size. ``bucket`` > 1 is an approximate speed option: each image is padded
+    (reflect, bottom/right) to a multiple of ``bucket`` pixels so that few shapes are compiled, and the
+    sketch is cropped back. That cannot be exact: the padded pixels reach the kept ones through the
+    zero-padded convolutions' receptive field, and a new size moves the max-pool grid and the bilinear
+    up-sampling coordinates of the side outputs (1–3 % of pixels differ on photos, more on small images)."""
 
     name = "pidinet"
     batched = True
@@ -257,8 +263,13 @@ class BucketedPidinet:
         from sketchcomp_jax.data.sketches import PidinetSketcher
 
         self.sketcher = PidinetSketcher.from_checkpoint(weights)
+        if int(bucket) < 0:
+            raise ValueError(f"pidinet_bucket must be ≥ 0 (0 = native size, exact), got {bucket}")
         self.bucket = max(1, int(bucket))
         self.batch_size = max(1, int(batch_size))
+        if self.bucket > 1:
+            log.warning("PiDiNet bucket %d: images are padded, so sketches differ from the original's on a few "
+                        "%% of pixels (--pidinet_bucket 0 runs the native sizes exactly)", self.bucket)
 
     def _padded_shape(self, h: int, w: int) -> tuple[int, int]:
         b = self.bucket
@@ -288,7 +299,7 @@ class BucketedPidinet:
         return np.pad(im, ((0, ph - h), (0, pw - w), (0, 0)), mode=mode)
 
 
-def make_sketcher(name: str, *, pidinet_weights: str | None = None, pidinet_bucket: int = 64,
+def make_sketcher(name: str, *, pidinet_weights: str | None = None, pidinet_bucket: int = 0,
                   batch_size: int = 8):
     if name == "xdog":
         return XdogSketcher()
@@ -313,11 +324,11 @@ def prepare_dataset(
     pidinet_weights: str | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
-    max_side: int = 1024,
+    max_side: int = 0,
     save_sketches: str | os.PathLike | None = None,
     shard_size: int = 1000,
     num_threads: int | None = None,
-    pidinet_bucket: int = 64,
+    pidinet_bucket: int = 0,
     batch_size: int = 8,
     overwrite: bool = False,
     progress: bool = True,
@@ -333,6 +344,8 @@ def prepare_dataset(
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     if max_side < 0:
         raise ValueError(f"max_side must be ≥ 0 (0 = no cap), got {max_side}")
+    if pidinet_bucket < 0:
+        raise ValueError(f"pidinet_bucket must be ≥ 0 (0 = native size, exact), got {pidinet_bucket}")
     images_root = pathlib.Path(images_dir)
     tags_root = pathlib.Path(tags_dir) if tags_dir else None
     if tags_root is not None and not tags_root.is_dir():
@@ -437,7 +450,8 @@ def _ids_digest(files: Sequence[tuple[str, pathlib.Path]]) -> str:
 def _sketcher_details(name: str, weights: str | None, bucket: int) -> str:
     if name == "pidinet":
         return (f"PiDiNet carv4 + CDCM + CSAM (table5), weights {os.path.basename(weights or '')}, "
-                f"binarised at uint8 > 153; padded to multiples of {bucket} px")
+                f"binarised at uint8 > 153; "
+                + ("native size (exact)" if bucket <= 1 else f"padded to multiples of {bucket} px (approximate)"))
     if name == "xdog":
         return "XDoG (sketchcomp_jax.data.sketches.xdog_sketch defaults), 255 = line"
     return name
