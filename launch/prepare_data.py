@@ -23,7 +23,7 @@ from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (def
 FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "Folder of images (searched recursively; jpg/jpeg/png/webp/bmp).")
 flags.DEFINE_string("tags", None, "Folder of tag .txt files: <relative path>.txt or <stem>.txt per image.")
-flags.DEFINE_string("out", None, "Output dataset directory.", required=True)
+flags.DEFINE_string("out", None, "Output dataset directory (local, or gs://bucket/path).", required=True)
 flags.DEFINE_enum("sketcher", "xdog", ["pidinet", "xdog"], "Sketch extractor: pidinet (the paper's) or xdog (no weights).")
 flags.DEFINE_string("pidinet_weights", None, "PiDiNet weights (table5_pidinet.pth or .safetensors) for --sketcher pidinet.")
 flags.DEFINE_float("test_fraction", 0.2, "Fraction of images in the test split (by a seeded hash of the file id).")

@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import os
-import pathlib
 import sys
 import threading
 from typing import Any, Sequence
@@ -552,7 +551,9 @@ class RecordSource:
     def __init__(self, data_dir: str | os.PathLike, split: str = "train"):
         self.data_dir = os.fspath(data_dir)
         self.split = split
-        info_path = pathlib.Path(self.data_dir) / "dataset_info.json"
+        from sketchcomp_jax.paths import as_path
+
+        info_path = as_path(self.data_dir) / "dataset_info.json"  # local or gs:// (records are read locally)
         if not info_path.is_file():
             records.load_builder(self.data_dir)  # raises the helpful error
         info = json.loads(info_path.read_text())

@@ -34,13 +34,14 @@ import logging
 import math
 import os
 import pathlib
-import shutil
 import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from sketchcomp_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,10 @@ def decode_sketch(data: bytes) -> np.ndarray:
 
 
 def load_builder(data_dir: str | os.PathLike):
-    """``tfds.builder_from_directory`` with a clear error when the directory is not a finished dataset."""
-    path = pathlib.Path(data_dir)
+    """``tfds.builder_from_directory`` with a clear error when the directory is not a finished dataset.
+    ``data_dir`` may be remote (``gs://...``): the metadata is read there (reading records needs
+    :func:`open_split`, which copies the split's shards to local disk)."""
+    path = paths.as_path(data_dir)
     if not (path / "dataset_info.json").is_file():
         hint = ""
         if (path / PROGRESS_DIR / "plan.json").is_file():
@@ -147,7 +150,7 @@ def load_builder(data_dir: str | os.PathLike):
 
 def dataset_metadata(data_dir: str | os.PathLike) -> dict:
     """The dataset's ``metadata.json`` (sketcher, preparation settings), {} if absent."""
-    path = pathlib.Path(data_dir) / "metadata.json"
+    path = paths.as_path(data_dir) / "metadata.json"
     if not path.is_file():
         return {}
     return json.loads(path.read_text())
@@ -157,13 +160,16 @@ def open_split(data_dir: str | os.PathLike, split: str, *, decode_images: bool =
     """The TFDS ``ArrayRecordDataSource`` of one split. With ``decode_images=False`` (the default) ``image``
     and ``sketch`` stay encoded bytes (decoding is left to the caller); otherwise TFDS decodes them to arrays.
     Thread-safe (see ``_TFDS_LOCK``): the first record is read under the lock, so that the lazy imports of
-    the reading path also happen there."""
+    the reading path also happen there. A remote ``data_dir`` (``gs://...``) is read from a local copy of
+    the split (:func:`local_split_dir`)."""
     with _TFDS_LOCK:
         import tensorflow_datasets as tfds
 
         builder = load_builder(data_dir)
         if split not in builder.info.splits:
             raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}")
+        if paths.is_remote(data_dir):
+            builder = load_builder(local_split_dir(data_dir, split))
         decoders = None
         if not decode_images:
             decoders = {"image": tfds.decode.SkipDecoding(), "sketch": tfds.decode.SkipDecoding()}
@@ -171,6 +177,24 @@ def open_split(data_dir: str | os.PathLike, split: str, *, decode_images: bool =
         if len(source):
             source[0]
         return source
+
+
+def local_split_dir(data_dir: str | os.PathLike, split: str) -> pathlib.Path:
+    """A local copy of a remote dataset's metadata and the shards of ``split`` (see ``paths.local_mirror``).
+
+    The pip ``array_record`` reader opens local files only (``gs://`` paths fail or hang), so the shards a
+    split reads are downloaded once per host into ``$SKETCHCOMP_CACHE_DIR`` and reused while their sizes
+    match (a re-prepared dataset, with other metadata, gets a fresh copy)."""
+    info_text = (paths.as_path(data_dir) / "dataset_info.json").read_text()
+    info = json.loads(info_text)
+    splits = {s["name"]: s for s in info.get("splits", [])}
+    n = len(splits[split]["shardLengths"]) if split in splits else 0
+    meta = ["dataset_info.json", "features.json", "metadata.json"]
+    meta = [m for m in meta if (paths.as_path(data_dir) / m).is_file()]
+    shards = [shard_filename(split, i, n) for i in range(n)]
+    version = hashlib.sha256("".join([info_text] + [(paths.as_path(data_dir) / m).read_text()
+                                                    for m in meta if m == "metadata.json"]).encode()).hexdigest()
+    return paths.local_mirror(data_dir, meta + shards, refresh=meta, version=version)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,19 +222,24 @@ def _file_template(data_dir: str):
         )
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _atomic_write_text(path, text: str) -> None:
+    paths.write_text_atomic(path, text)
 
 
-def write_array_record(path: pathlib.Path, records: Iterable[bytes]) -> int:
-    """Writes records to ``path`` atomically (temporary file, fsync, rename). Returns the file size."""
+def write_array_record(path, records: Iterable[bytes]) -> int:
+    """Writes records to ``path`` atomically (temporary file, fsync, rename). Returns the file size. A remote
+    ``path`` (``gs://...``) is written to a local temporary file (the array_record writer opens local files
+    only) and uploaded as one object."""
     from array_record.python import array_record_module
 
+    if paths.is_remote(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="sketchcomp-shard-") as tmp_dir:
+            local = pathlib.Path(tmp_dir) / paths.as_path(path).name
+            size = write_array_record(local, records)
+            paths.copy_file(local, path)
+        return size
     tmp = path.with_name(f".{path.name}.tmp")
     writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
     try:
@@ -273,6 +302,11 @@ class WriteSummary:
         return "\n".join(lines)
 
 
+def _size(path) -> int:
+    """A file's size in bytes, local or remote."""
+    return path.stat().st_size if isinstance(path, pathlib.Path) else path.stat().length
+
+
 def _fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -298,7 +332,7 @@ class ShardedDatasetWriter:
     ):
         if shard_size < 1:
             raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
-        self.out_dir = pathlib.Path(out_dir)
+        self.out_dir = paths.as_path(out_dir)
         self.fingerprint = dict(fingerprint)
         self.digest = _fingerprint_digest(self.fingerprint)
         self.metadata = dict(metadata)
@@ -348,10 +382,11 @@ class ShardedDatasetWriter:
         for p in list(self.out_dir.glob(f"{DATASET_NAME}-*")) + list(self.out_dir.glob(f".{DATASET_NAME}-*")):
             p.unlink()
         for name in ("dataset_info.json", "features.json", "metadata.json"):
-            (self.out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(self.progress_dir, ignore_errors=True)
+            if (self.out_dir / name).exists():
+                (self.out_dir / name).unlink()
+        paths.rmtree(self.progress_dir)
 
-    def _marker(self, split: str, index: int) -> pathlib.Path:
+    def _marker(self, split: str, index: int):
         return self.progress_dir / f"{split}-{index:05d}.done.json"
 
     def _shard_done(self, split: str, index: int, num_shards: int) -> dict | None:
@@ -366,7 +401,7 @@ class ShardedDatasetWriter:
             return None
         path = self.out_dir / shard_filename(split, index, num_shards)
         if (info.get("digest") != self.digest or info.get("shard_size", self.shard_size) != self.shard_size
-                or not path.is_file() or path.stat().st_size != info.get("num_bytes")):
+                or not path.is_file() or _size(path) != info.get("num_bytes")):
             return None
         return info
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sketchcomp_jax import paths
 from sketchcomp_jax.data import records
 
 SKETCHER_NAME = "synthetic"
@@ -280,7 +281,7 @@ def write_synthetic_dataset(
         raise ValueError(f"num_images must be ≥ 1, got {num_images}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    out = pathlib.Path(out_dir)
+    out = paths.as_path(out_dir)  # local or gs://
     split_items: dict[str, list[int]] = {s: [] for s in records.SPLITS}
     for i in range(num_images):
         split_items[records.split_of(synthetic_id(i), seed=seed, test_fraction=test_fraction)].append(i)

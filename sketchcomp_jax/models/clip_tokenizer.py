@@ -196,8 +196,7 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 
 def _read_json(path: pathlib.Path) -> object:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TokenizerFileError(f"{path}: not valid JSON ({e}); re-download the tokenizer files") from None
     except UnicodeDecodeError:
@@ -214,7 +213,9 @@ def _token_content(value: object, path: pathlib.Path, key: str) -> str | None:
 
 
 def _resolve_folder(path: str | os.PathLike) -> pathlib.Path:
-    folder = pathlib.Path(path).expanduser()
+    from sketchcomp_jax.paths import as_path, is_remote
+
+    folder = as_path(path) if is_remote(path) else pathlib.Path(path).expanduser()
     if not folder.exists():
         raise TokenizerFolderNotFoundError(
             f"CLIP tokenizer folder not found: {folder}; pass the folder holding vocab.json and merges.txt "
@@ -441,7 +442,9 @@ def write_tokenizer_folder(folder: str | os.PathLike, vocab: dict[str, int], mer
                            extra_files: dict[str, object] | None = None) -> pathlib.Path:
     """Writes `vocab.json` + `merges.txt` (+ JSON `extra_files`) that `CLIPTokenizer.from_folder` and
     transformers' `CLIPTokenizer` read."""
-    folder = pathlib.Path(folder)
+    from sketchcomp_jax.paths import as_path
+
+    folder = as_path(folder)  # local or gs://
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        from sketchcomp_jax.paths import absolute
+
+        self.directory = absolute(workdir) / "checkpoints"  # local or gs:// (Orbax writes arrays via tensorstore)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))

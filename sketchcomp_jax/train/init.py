@@ -38,8 +38,10 @@ def text_tokenizer_dir(cfg) -> str | None:
     `tokenizer/` (the synthetic set ships one). None for the example-conditioned models."""
     if cfg.get("conditioning", "example") != "text":
         return None
-    folder = cfg.text.get("tokenizer", "") or os.path.join(cfg.data.dir, "tokenizer")
-    if not os.path.isfile(os.path.join(folder, "vocab.json")):
+    from sketchcomp_jax.paths import as_path
+
+    folder = cfg.text.get("tokenizer", "") or os.fspath(as_path(cfg.data.dir) / "tokenizer")  # local or gs://
+    if not (as_path(folder) / "vocab.json").is_file():
         raise FileNotFoundError(
             f"CLIP tokenizer not found at {folder}: set --config.text.tokenizer=DIR (a folder with vocab.json and "
             "merges.txt, e.g. openai/clip-vit-large-patch14 or an SD pipeline's tokenizer/)"

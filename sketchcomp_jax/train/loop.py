@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sketchcomp_jax import paths
 from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.generation import BatchGenerator
 from sketchcomp_jax.models.config import ModelConfig, build_networks
@@ -57,7 +57,7 @@ def _ensure_data(cfg) -> str:
         barrier("sketchcomp: synthetic data set written")
         if jax.process_index() != 0:
             write_synthetic_dataset(data_dir, int(cfg.data.synthetic_images), seed=int(cfg.seed))
-    if not pathlib.Path(data_dir).exists():
+    if not paths.as_path(data_dir).exists():
         raise FileNotFoundError(f"dataset not found: {data_dir} (make it with launch/prepare_data.py)")
     return data_dir
 
@@ -89,7 +89,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) training; returns a summary dict (last step, last loss, stop reason)."""
     initialize_distributed(cfg.distributed.coordinator or None, cfg.distributed.num_processes or None,
                            None if cfg.distributed.process_id < 0 else cfg.distributed.process_id)
-    workdir_path = pathlib.Path(workdir)
+    workdir_path = paths.as_path(workdir)  # local or gs://
     workdir_path.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(dict(cfg.mesh.ici), dict(cfg.mesh.dcn) or None)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -143,7 +143,7 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[st
             (workdir_path / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
             tokenizer = text_tokenizer_dir(cfg)
             if tokenizer:  # the run is self-contained: sampling and export find the tokenizer here
-                shutil.copytree(tokenizer, workdir_path / "tokenizer", dirs_exist_ok=True)
+                paths.copy_tree(tokenizer, workdir_path / "tokenizer")
     config_json = config_to_json(cfg)
     writer = MetricsWriter(workdir_path, enabled=jax.process_index() == 0)
     writer.truncate_after(start)

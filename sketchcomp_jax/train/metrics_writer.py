@@ -9,11 +9,17 @@ import json
 import logging
 import math
 import pathlib
+import time
 from typing import Any, Mapping
 
 import numpy as np
 
+from sketchcomp_jax import paths
+
 log = logging.getLogger(__name__)
+
+# A remote workdir's TensorBoard events are uploaded at least this often (and at every flush/close).
+_UPLOAD_SECS = 120
 
 # Row fields that are bookkeeping, not curves.
 _NOT_SCALARS = ("step",)
@@ -23,17 +29,28 @@ class MetricsWriter:
     """Appends metric rows (dicts with a `step`) to metrics.jsonl and mirrors numbers to TensorBoard."""
 
     def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True, tensorboard: bool = True):
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = paths.as_path(workdir)  # local or gs://
         self.jsonl_path = self.workdir / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
+        self._tb_upload = None  # (local event dir, remote dir) for a remote workdir
         if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:  # pragma: no cover - tensorboardX is a runtime dependency
                 log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
             else:
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=30)
+                tb_dir = self.workdir / "tensorboard"
+                if paths.is_remote(tb_dir):
+                    # Events go to a local file that is uploaded whole at each flush/close and every
+                    # _UPLOAD_SECS (tensorboardX's own gs:// writer keeps the file in memory and uploads it
+                    # again when garbage-collected, even after close).
+                    import tempfile
+
+                    local = pathlib.Path(tempfile.mkdtemp(prefix="sketchcomp-tensorboard-"))
+                    self._tb_upload, self._uploaded_at = (local, tb_dir), time.time()
+                    tb_dir = local
+                self._tb = SummaryWriter(str(tb_dir), flush_secs=30)
 
     def truncate_after(self, step: int) -> None:
         """Drops rows after `step` (they belong to steps a resumed run will redo)."""
@@ -54,22 +71,21 @@ class MetricsWriter:
             if isinstance(row, dict) and row.get("step", 0) <= step:
                 kept.append(line)
         # Write a sibling then rename: a kill during the rewrite leaves the old file or the new one, never half.
-        tmp = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
-        tmp.write_text("".join(r + "\n" for r in kept))
-        tmp.replace(self.jsonl_path)
+        paths.write_text_atomic(self.jsonl_path, "".join(r + "\n" for r in kept))
 
     def write(self, rows: list[Mapping[str, Any]]) -> None:
         if not self.enabled or not rows:
             return
-        with open(self.jsonl_path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(dict(row)) + "\n")
+        # Remote (gs://): objects cannot be appended to, so this rewrites the file (see paths.append_text).
+        paths.append_text(self.jsonl_path, "".join(json.dumps(dict(row)) + "\n" for row in rows))
         if self._tb is not None:
             for row in rows:
                 for name, value in row.items():
                     if name in _NOT_SCALARS or not isinstance(value, (int, float)) or not math.isfinite(value):
                         continue
                     self._tb.add_scalar(_tag(name), float(value), int(row["step"]))
+            if self._tb_upload is not None and time.time() - self._uploaded_at > _UPLOAD_SECS:
+                self.flush()
 
     def image(self, name: str, image_hwc_uint8: np.ndarray, step: int) -> None:
         """A (H, W, 3) uint8 picture (e.g. the sample grid) at `step`."""
@@ -80,11 +96,25 @@ class MetricsWriter:
         """Makes TensorBoard events durable (metrics.jsonl rows are on disk as soon as `write` returns)."""
         if self._tb is not None:
             self._tb.flush()
+            self._upload_tensorboard()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            self._upload_tensorboard()
+            if self._tb_upload is not None:
+                paths.rmtree(self._tb_upload[0])
+                self._tb_upload = None
+
+    def _upload_tensorboard(self) -> None:
+        """Remote workdir: copies the local event files to WORKDIR/tensorboard/ (each upload is atomic)."""
+        if self._tb_upload is None:
+            return
+        local, remote = self._tb_upload
+        for f in sorted(local.iterdir()):
+            paths.copy_file(f, remote / f.name)
+        self._uploaded_at = time.time()
 
 
 def _tag(name: str) -> str:

@@ -612,6 +612,9 @@ def check_output(out: str | os.PathLike, format: str, overwrite: bool = False) -
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if "://" in os.fspath(out):  # torch.save / safetensors / diffusers write local files only
+        raise ExportError(f"--out {os.fspath(out)} is a URL: export to a local path, then copy it "
+                          "(e.g. `gcloud storage cp`); --model/--workdir may be gs:// paths")
     out = pathlib.Path(out).absolute()
     if format == "diffusers":
         _prepare_output(out, overwrite, is_dir=True)
@@ -785,7 +788,9 @@ def load_params_from_workdir(workdir: str | os.PathLike, step: int | None = None
     Training checkpoints live in `WORKDIR/checkpoints/` (Orbax, one sub-directory per step; the latest unless
     `step` is given). Raises `TrainingCheckpointsUnavailableError` when there are none, naming what exists.
     """
-    workdir = pathlib.Path(workdir)
+    from sketchcomp_jax.paths import as_path
+
+    workdir = as_path(workdir)  # local or gs://
     if not workdir.is_dir():
         raise ExportError(f"--workdir {workdir} does not exist or is not a directory")
     ckpt_dir = workdir / "checkpoints"
@@ -833,7 +838,9 @@ def _training_ema_decay(step_dir: pathlib.Path, default: float = 0.9999) -> floa
 def _load_model_dir(model_dir: str | os.PathLike):
     from sketchcomp_jax.weights.model_dir import load_model
 
-    path = pathlib.Path(model_dir)
+    from sketchcomp_jax.paths import as_path
+
+    path = as_path(model_dir)  # local or gs://
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ExportError(
             f"{path} is not a model directory (no config.json); make one with "

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from sketchcomp_jax import paths
 from sketchcomp_jax.models.config import ModelConfig
 
 
@@ -34,22 +35,23 @@ def save_model_dir(out_dir: str | os.PathLike, config: ModelConfig, params: dict
     """Writes `config.json` + Orbax params to `out_dir` (created). Refuses to overwrite an existing
     model directory unless `overwrite=True`; writes to a temporary sibling first so a failed write
     never leaves a half-written directory in place. A text-conditioned model needs its `tokenizer_dir`,
-    which is copied in."""
+    which is copied in. A remote `out_dir` (`gs://...`, no directory renames there) is written in place with
+    `config.json` last: until it exists the directory is not a model directory."""
     if config.conditioning == "text" and tokenizer_dir is None:
         raise ValueError("a text-conditioned model directory needs its CLIP tokenizer folder (tokenizer_dir)")
     import orbax.checkpoint as ocp
 
-    out = pathlib.Path(out_dir).absolute()
+    out = paths.absolute(out_dir)
+    remote = paths.is_remote(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
+    if not remote and not os.access(out.parent, os.W_OK):
         raise PermissionError(f"cannot write to {out.parent}")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = out if remote else out.with_name(out.name + ".partial")
+    paths.rmtree(tmp)
+    tmp.mkdir(parents=True)
     host_params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / "params", host_params)
@@ -59,18 +61,19 @@ def save_model_dir(out_dir: str | os.PathLike, config: ModelConfig, params: dict
         # Which U-Net weights the params hold (the checkpoint's raw or EMA copy) and why; informational,
         # ModelConfig.from_dict ignores it.
         config_dict["weights"] = source["weights"]
-    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     (tmp / "source.json").write_text(json.dumps(source or {}, indent=2, default=str) + "\n")
     if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        paths.copy_tree(tokenizer_dir, tmp / TOKENIZER_DIR)
+    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")  # last: marks it complete
+    if not remote:
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
     return out
 
 
 def load_config(model_dir: str | os.PathLike) -> ModelConfig:
-    path = pathlib.Path(model_dir) / "config.json"
+    path = paths.as_path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{model_dir} is not a model directory (no config.json); make one with "
@@ -90,7 +93,7 @@ def load_model(model_dir: str | os.PathLike, shardings: Any = None) -> LoadedMod
     from sketchcomp_jax.weights.convert import abstract_params
 
     config = load_config(model_dir)
-    params_dir = pathlib.Path(model_dir).absolute() / "params"
+    params_dir = paths.absolute(model_dir) / "params"
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{model_dir} has a config.json but no params/ directory; re-run launch/convert.py")
     abstract = abstract_params(config)
@@ -113,7 +116,7 @@ def model_tokenizer_dir(model_dir: str | os.PathLike, config: ModelConfig | None
     config = config or load_config(model_dir)
     if config.conditioning != "text":
         return None
-    folder = pathlib.Path(model_dir) / TOKENIZER_DIR
+    folder = paths.as_path(model_dir) / TOKENIZER_DIR
     if not (folder / "vocab.json").is_file():
         raise FileNotFoundError(f"{model_dir} is a text-conditioned model but has no {TOKENIZER_DIR}/vocab.json")
     return folder
