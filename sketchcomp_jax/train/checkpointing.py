@@ -113,8 +113,14 @@ class UnrestorableCheckpoint(ValueError):
     """No checkpoint of a run restores (a ValueError: the CLIs print its one-line message)."""
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, cut to `limit` characters (tensorstore errors run to thousands)."""
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """`Type: first line of the message` of the innermost cause (Orbax wraps tensorstore's precise error,
+    e.g. `OUT_OF_RANGE: Error reading … byte range … size …`, in a generic one whose message is a spec
+    thousands of characters long), cut to `limit` characters."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
+        error = error.__cause__ or error.__context__
+        seen.add(id(error))
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= limit else text[:limit - 1] + "…"

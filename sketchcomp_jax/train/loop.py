@@ -24,7 +24,7 @@ from sketchcomp_jax import paths
 from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.generation import BatchGenerator
 from sketchcomp_jax.models.config import ModelConfig, build_networks
-from sketchcomp_jax.parallel.mesh import barrier, initialize_distributed, make_mesh
+from sketchcomp_jax.parallel.mesh import barrier, initialize_distributed, make_mesh, place
 from sketchcomp_jax.train.checkpointing import Checkpointer, PreemptionFlag, config_to_json
 from sketchcomp_jax.train.init import initial_model, text_tokenizer_dir
 from sketchcomp_jax.train.metrics_writer import MetricsWriter
@@ -97,15 +97,21 @@ def train(cfg, workdir: str) -> dict[str, Any]:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {data_parallel} data-parallel devices")
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
-    _ensure_data(cfg)
-    ckpt = Checkpointer(workdir_path, int(cfg.max_to_keep))
+    # From here on a SIGTERM (even during data creation, compilation or restore) only sets the flag: the
+    # loop then stops every process at the same step boundary.
+    flag = PreemptionFlag(mesh)
     try:
-        return _train(cfg, workdir_path, mesh, ckpt)
+        _ensure_data(cfg)
+        ckpt = Checkpointer(workdir_path, int(cfg.max_to_keep))
+        try:
+            return _train(cfg, workdir_path, mesh, ckpt, flag)
+        finally:
+            ckpt.close()
     finally:
-        ckpt.close()
+        flag.restore_handlers()
 
 
-def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[str, Any]:
+def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer, flag: PreemptionFlag) -> dict[str, Any]:
     start = ckpt.latest_step()
     model_config, params, source = initial_model(cfg, fresh=start is None)
     log.info("model: %s, U-Net %d input channels, %d² images", source, model_config.unet.in_channels,
@@ -138,17 +144,17 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[st
         del restored
     else:
         start = 0
-        state = jax.device_put(state, compiled.state_shardings)
+        state = place(state, compiled.state_shardings)  # every process holds the same seeded init
         if jax.process_index() == 0:
             (workdir_path / "model_config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
             tokenizer = text_tokenizer_dir(cfg)
             if tokenizer:  # the run is self-contained: sampling and export find the tokenizer here
                 paths.copy_tree(tokenizer, workdir_path / "tokenizer")
+    barrier("sketchcomp: compiled and restored")  # the first step's collectives start together
     config_json = config_to_json(cfg)
     writer = MetricsWriter(workdir_path, enabled=jax.process_index() == 0)
     writer.truncate_after(start)
     lr_of = learning_rate_schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.get("warmup_f_start", 1e-6))
-    flag = PreemptionFlag(mesh)
     eval_loss = sample_grid = sample_batch = None
     stop_reason = "finished"
     last = {}
@@ -206,7 +212,6 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer) -> dict[st
     finally:
         ckpt.wait()
         writer.close()
-        flag.restore_handlers()
     return {"step": int(jax.device_get(state.step)), "last": last, "stop_reason": stop_reason,
             "flops_per_step": compiled.flops, "memory": compiled.memory}
 
