@@ -134,6 +134,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # tests/test_multihost.py::test_two_process_fsdp_run_samples_and_evaluates covers more in the default suite
 def test_two_process_training(tmp_path):
     # process 0 makes the data set while process 1 waits at a barrier (tests/test_multihost.py: FSDP, sampling,
     # eval, preemption)
