@@ -174,7 +174,7 @@ def test_train_and_resume_with_a_gcs_workdir(gcs_inprocess_run):
     ckpt = f"{BUCKET}/runs/inprocess/checkpoints"
     assert sorted(int(p.rsplit("/", 1)[-1]) for p in fs.ls(ckpt) if p.rsplit("/", 1)[-1].isdigit()) == [2, 4]
     assert fs.exists(f"{BUCKET}/runs/inprocess/model_config.json")
-    assert fs.ls(f"{BUCKET}/runs/inprocess/tensorboard")  # tensorboardX wrote its event file to gs:// directly
+    assert fs.ls(f"{BUCKET}/runs/inprocess/tensorboard")  # the TensorBoard event file, uploaded
 
 
 def test_export_cli_from_a_gcs_workdir(gcs, gcs_inprocess_run, tmp_path):
@@ -226,22 +226,24 @@ def _check_export(env, workdir, step, tmp_path):
 
 
 def _train_cmd(workdir, data_dir, *extra):
+    """The demo CLI with sample grids and the eval loss every 2 steps (written to the gs:// work dir)."""
     return [sys.executable, str(REPO_ROOT / "launch" / "train.py"), "--config", str(REPO_ROOT / "configs" / "demo.py"),
             "--workdir", workdir, f"--config.data.dir={data_dir}", "--config.data.synthetic_images=0",
-            "--config.batch_size=4", "--config.sample_every=0", "--config.eval_every=0", "--config.log_every=1",
-            *extra]
+            "--config.batch_size=4", "--config.sample_every=2", "--config.sample_steps=2", "--config.eval_every=2",
+            "--config.eval_batches=1", "--config.log_every=1", *extra]
 
 
 @pytest.fixture(scope="module")
 def gcs_run(gcs, gcs_dataset):
-    """(slow: two CLI runs) The demo trained on gs://: SIGTERM after ≥ 2 logged steps (saves and exits 0), then resumed 2 steps
-    further. Returns (workdir, saved step, resumed run's output)."""
+    """(slow: two CLI runs) The demo trained on gs://: SIGTERM after ≥ 2 logged steps (saves and exits 0),
+    then resumed 2 steps further. Returns (workdir, saved step, resumed run's output)."""
     _, env = gcs
     data_dir = gcs_dataset[0]
     workdir = gs("runs/demo")
     proc = subprocess.Popen(_train_cmd(workdir, data_dir, "--config.total_steps=100000",
                                        "--config.checkpoint_every=100000"),
-                            cwd=REPO_ROOT, env=_cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO_ROOT, env=_cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
         if len(_metrics(workdir)) >= 2:
@@ -272,7 +274,13 @@ def test_train_on_gcs_sigterm_and_resume(gcs_run):
                    if p.rsplit("/", 1)[-1].isdigit())
     assert steps[-1] == saved + 2
     assert fs.exists(f"{BUCKET}/runs/demo/model_config.json")
-    assert fs.ls(f"{BUCKET}/runs/demo/tensorboard")  # tensorboardX wrote its event file to gs:// directly
+    grids = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/runs/demo/samples")]
+    assert "step_0000002.png" in grids and len(grids) >= 2  # sample grid PNGs written to gs://
+    from etils import epath
+
+    evals = [json.loads(x) for x in epath.Path(f"{workdir}/metrics.jsonl").read_text().splitlines() if "eval_" in x]
+    assert evals and all(np.isfinite(r["eval_loss"]) for r in evals)
+    assert fs.ls(f"{BUCKET}/runs/demo/tensorboard")  # the TensorBoard event file, uploaded
 
 
 @pytest.mark.slow
