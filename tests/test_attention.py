@@ -67,7 +67,8 @@ def value_and_grads(fn, q, k, v):
 def assert_parity(fn, ref_fn, q, k, v, tol):
     """Forward and q/k/v gradients of `fn` within `tol` × max|ref| of `ref_fn`; returns the relative errors."""
     errors = []
-    for name, ours, ref in zip(("out", "dq", "dk", "dv"), value_and_grads(fn, q, k, v), value_and_grads(ref_fn, q, k, v)):
+    pairs = zip(("out", "dq", "dk", "dv"), value_and_grads(fn, q, k, v), value_and_grads(ref_fn, q, k, v))
+    for name, ours, ref in pairs:
         # A zero reference (dq with a single key: the softmax is constant) is compared absolutely.
         rel = float(np.abs(ours - ref).max() / (np.abs(ref).max() or 1.0))
         assert rel <= tol, f"{name}: max abs err / max |ref| = {rel:.3g} > {tol}"

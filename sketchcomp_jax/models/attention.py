@@ -7,10 +7,11 @@ split as PyTorch's `view(B, T, H, D)` does (head-major channel blocks). Logits a
 * `xla`: plain einsums materialising the (B, H, Tq, Tk) logits. Fastest for short sequences.
 * `chunked`: the queries in blocks (`lax.map`), each block under `jax.checkpoint`, so only a
   (B, H, chunk, Tk) slab of logits exists at a time, forward and backward. Any platform.
-* `splash`: the Pallas TPU splash-attention kernel for self-attention (cross-attention uses `xla`). Head dims are zero-padded to a
-  multiple of 128 lanes (scores unchanged; the scale is applied to q), sequences padded to a multiple
-  of 128 with the padding in its own segment, the batch (and heads over `tensor`) split by
-  `shard_map` when a mesh is set (`jax.set_mesh`). Off TPU it runs in interpret mode (tests only).
+* `splash`: the Pallas TPU splash-attention kernel for self-attention (cross-attention uses `xla`).
+  Head dims are zero-padded to a multiple of 128 lanes (scores unchanged; the scale is applied to q),
+  sequences padded to a multiple of 128 with the padding in its own segment, the batch (and heads over
+  `tensor`) split by `shard_map` when a mesh is set (`jax.set_mesh`). Off TPU it runs in interpret
+  mode (tests only).
 * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU with bfloat16/float16 only.
 * `auto`: chosen per call from the *target* platform (see `resolve_platform`) and the shapes; see
   `choose_backend`.
@@ -94,7 +95,8 @@ def cudnn_problem(dtype: Any, head_dim: int, platform: str) -> str | None:
                 "or --attention xla/chunked")
     max_dim = _cudnn_max_head_dim()
     if head_dim > max_dim or head_dim % 8:
-        return f"supports head dims that are multiples of 8 up to {max_dim} on this GPU, got {head_dim}; use --attention xla"
+        return (f"supports head dims that are multiples of 8 up to {max_dim} on this GPU, got {head_dim}; "
+                "use --attention xla")
     return None
 
 
