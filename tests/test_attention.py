@@ -181,6 +181,18 @@ def test_splash_under_a_mesh_shards_with_shard_map(axes, t):
     assert max(errors) <= TOL[jnp.float32]
 
 
+def test_splash_lowers_for_tpu_from_a_cpu_host():
+    """platform="tpu" (as for AOT compilation against a TPU topology): `auto` picks splash at 4096 tokens and
+    the real Mosaic kernel (not interpret mode) is lowered, forward and fused backward."""
+    q = jnp.zeros((2, 4096, 8 * 40), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return attn.attention(q, k, v, 8, backend="auto", platform="tpu").astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 2  # forward kernel + fused dq/dk/dv kernel
+
+
 # ---------------------------------------------------------------------------------- cudnn, auto
 
 
