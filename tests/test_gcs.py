@@ -1,6 +1,8 @@
 """`gs://` paths end to end against a real GCS protocol server on localhost (tests/gcs_server.py): the path
 helpers, `launch/prepare_data.py --out gs://…`, training the demo with `--workdir gs://…` and `data.dir` on
 GCS, SIGTERM and resume, `launch/export.py --workdir gs://…` and `launch/sample.py --model gs://…`.
+The default suite runs the helpers, the data set and the in-process train → resume (= uninterrupted run)
+on gs://; `-m slow` adds the model-directory round trip and the CLI flow (SIGTERM, export, sample).
 
 Skipped (with the reason) only when the bundled fake-gcs-server binary cannot run here."""
 import json
@@ -177,12 +179,14 @@ def test_train_and_resume_with_a_gcs_workdir(gcs_inprocess_run):
     assert fs.ls(f"{BUCKET}/runs/inprocess/tensorboard")  # the TensorBoard event file, uploaded
 
 
+@pytest.mark.slow
 def test_export_cli_from_a_gcs_workdir(gcs, gcs_inprocess_run, tmp_path):
     _, env = gcs
     workdir = gcs_inprocess_run[0]
     _check_export(env, workdir, 4, tmp_path)
 
 
+@pytest.mark.slow
 def test_model_dir_on_gcs(gcs_inprocess_run):
     """`workdir_to_model_dir` from a gs:// run into a gs:// model directory, read back by `load_model` (what
     `init_from`, sample, export --model and the app use)."""
