@@ -51,7 +51,9 @@ flags.DEFINE_integer("process_id", None, "With --coordinator: this process's ind
 def main(argv):
     del argv
     configure_cli_logging(FLAGS.library_logs)
-    from sketchcomp_jax.eval.evaluate import EvalSettings, evaluate
+    from sketchcomp_jax.eval.evaluate import EvalSettings, evaluate, fix_malloc_mmap_threshold
+
+    fix_malloc_mmap_threshold()  # steady host memory over thousands of batches (see its docstring)
     from sketchcomp_jax.weights.errors import CheckpointError
 
     if not FLAGS.model and not FLAGS.samples:
