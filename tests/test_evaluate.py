@@ -252,10 +252,16 @@ def test_peak_memory_does_not_grow_with_the_number_of_test_images(tiny_model, ti
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     rss = {}
     for num in (8, 64):
+        out = tmp_path / f"n{num}.json"
         cmd = ["launch/evaluate.py", f"--model={tiny_model_dir}", f"--data={big_test_split}", f"--num={num}",
-               "--batch_size=8", "--steps=2", "--sampler=ddim", f"--out={tmp_path / f'n{num}.json'}"]
-        rss[num] = peak_rss_of(cmd, env)
-        assert json.loads((tmp_path / f"n{num}.json").read_text())["num_images"] == num
+               "--batch_size=8", "--steps=2", "--sampler=ddim", f"--out={out}"]
+        # The lower of two runs (each generating anew): thread timing moves the compile-time peak by ~±10 MiB.
+        peaks = []
+        for _ in range(2):
+            shutil.rmtree(tmp_path / f"n{num}_samples", ignore_errors=True)
+            peaks.append(peak_rss_of(cmd, env))
+            assert json.loads(out.read_text())["num_images"] == num
+        rss[num] = min(peaks)
     print(f"peak RSS: 8 images {rss[8] / 2**20:.1f} MiB, 64 images {rss[64] / 2**20:.1f} MiB, "
           f"difference {(rss[64] - rss[8]) / 2**20:+.2f} MiB; model {model_bytes / 2**20:.2f} MiB")
     assert abs(rss[64] - rss[8]) < model_bytes
