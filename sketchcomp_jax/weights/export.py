@@ -782,7 +782,7 @@ def _write_diffusers(config: ModelConfig, params, out: pathlib.Path, dtype: str,
 # --------------------------------------------------------------------------------------------------
 
 
-def load_params_from_workdir(workdir: str | os.PathLike, step: int | None = None):
+def load_params_from_workdir(workdir: str | os.PathLike, step: int | None = None, include_ema: bool = True):
     """`--workdir`: `(ModelConfig, params, EmaWeights | None, global_step)` of a training run.
 
     Training checkpoints live in `WORKDIR/checkpoints/` (Orbax, one sub-directory per step; the latest unless
@@ -807,7 +807,8 @@ def load_params_from_workdir(workdir: str | os.PathLike, step: int | None = None
     from sketchcomp_jax.train.checkpointing import load_training_params
 
     try:
-        config, params, ema, global_step = load_training_params(workdir, step if step is not None else steps[-1])
+        config, params, ema, global_step = load_training_params(workdir, step if step is not None else steps[-1],
+                                                                ema="unet" if include_ema else "none")
     except FileNotFoundError as e:
         raise ExportError(str(e)) from None
     ema_weights = None
@@ -876,7 +877,7 @@ def export(
     if model_dir is not None:
         config, params = _load_model_dir(model_dir)
     else:
-        config, params, ema, global_step = load_params_from_workdir(workdir, step)
+        config, params, ema, global_step = load_params_from_workdir(workdir, step, include_ema=include_ema)
     return export_model(
         config, params, out, format, dtype=dtype, ema=ema, include_ema=include_ema, overwrite=overwrite,
         global_step=global_step,
