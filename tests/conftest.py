@@ -52,6 +52,20 @@ def tiny_model(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    """A `SketchCompositionPipeline` over the tiny fixture model (module-scoped: it caches compiled samplers)."""
+    from sketchcomp_jax.pipeline import SketchCompositionPipeline
+
+    return SketchCompositionPipeline(*tiny_model)
+
+
+@pytest.fixture(scope="module")
+def e2e(fixtures_dir):
+    """The end-to-end golden folder (image, mask, sketch, reference, noise, expected.png)."""
+    return fixtures_dir / "e2e"
+
+
 def tiny_demo_config(data_dir, variant=None, **overrides):
     """`configs/demo.py` (`variant` as after `:`) shrunk for tests: a 24-image synthetic set made on first use
     in `data_dir`, 6 steps, a checkpoint every 3, no samples or eval. `overrides`: dotted config keys

@@ -118,6 +118,14 @@ def _preempt_and_resume(n, strategy, tmp_path, reference):
     _check_complete_run(workdir)
 
 
+def _complete_reference_run(n: int, strategy, tmp_path):
+    """An uninterrupted n-process run in tmp_path/ref (checked complete); returns its work dir."""
+    reference = tmp_path / "ref"
+    _finish(_launch(n, reference / "run", reference / "data", *strategy))
+    _check_complete_run(reference / "run")
+    return reference / "run"
+
+
 @pytest.fixture(scope="module")
 def fsdp_reference(tmp_path_factory):
     """An uninterrupted 2-process FSDP run (the data set is made by process 0 during the run)."""
@@ -144,15 +152,9 @@ def test_two_process_fsdp_sigterm_to_one_process_then_resume(fsdp_reference, tmp
 
 @pytest.mark.slow
 def test_two_process_dp_sigterm_then_resume(tmp_path):
-    reference = tmp_path / "ref"
-    _finish(_launch(2, reference / "run", reference / "data", *DP))
-    _check_complete_run(reference / "run")
-    _preempt_and_resume(2, DP, tmp_path, reference / "run")
+    _preempt_and_resume(2, DP, tmp_path, _complete_reference_run(2, DP, tmp_path))
 
 
 @pytest.mark.slow
 def test_four_process_fsdp_sigterm_then_resume(tmp_path):
-    reference = tmp_path / "ref"
-    _finish(_launch(4, reference / "run", reference / "data", *FSDP))
-    _check_complete_run(reference / "run")
-    _preempt_and_resume(4, FSDP, tmp_path, reference / "run")
+    _preempt_and_resume(4, FSDP, tmp_path, _complete_reference_run(4, FSDP, tmp_path))

@@ -7,19 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sketchcomp_jax.pipeline import SketchCompositionPipeline
 
 from tests.conftest import REPO_ROOT
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model):
-    return SketchCompositionPipeline(*tiny_model)
-
-
-@pytest.fixture(scope="module")
-def e2e(fixtures_dir):
-    return fixtures_dir / "e2e"
 
 
 def golden_call(pipe, e2e, **overrides):

@@ -10,22 +10,10 @@
 """
 import jax
 import numpy as np
-import pytest
 
 from sketchcomp_jax.models.vae import DiagonalGaussian
-from sketchcomp_jax.pipeline import SketchCompositionPipeline
 
 N = 512
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model):
-    return SketchCompositionPipeline(*tiny_model)
-
-
-@pytest.fixture(scope="module")
-def e2e(fixtures_dir):
-    return fixtures_dir / "e2e"
 
 
 def _inputs(pipe, e2e):
