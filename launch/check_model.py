@@ -1,6 +1,6 @@
-"""Check a model directory against the original's golden outputs (../shared/fixtures).
+"""Check a model directory against the original's golden outputs (tests/fixtures of this repository).
 
-    python launch/check_model.py --model runs/demo_model --fixtures ../shared/fixtures
+    python launch/check_model.py --model runs/demo_model --fixtures tests/fixtures
 
 Prints, per component (U-Net, VAE encode/decode, reference conditioner), the max abs error and
 the error relative to the output scale; exits non-zero if any exceeds --rel_tol (default 1e-4).
@@ -18,7 +18,9 @@ from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (def
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model directory made by launch/convert.py.", required=True)
-flags.DEFINE_string("fixtures", "../shared/fixtures", "Folder with unet_io.npz, vae_io.npz, cond_io.npz.")
+flags.DEFINE_string(
+    "fixtures", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures"),
+    "Folder with unet_io.npz, vae_io.npz, cond_io.npz (default: the repository's tests/fixtures).")
 flags.DEFINE_float("rel_tol", 1e-4, "Allowed max |ours − golden| / max |golden|.")
 
 

@@ -19,13 +19,13 @@ from absl import flags
 
 flags.FLAGS.mark_as_parsed()
 
-FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+FIXTURES = REPO_ROOT / "tests" / "fixtures"  # the goldens of the original code (see its README.md)
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"golden fixtures not found at {FIXTURES}: the tests need ../shared/fixtures beside the repo")
+        pytest.fail(f"golden fixtures not found at {FIXTURES}: they are part of the repository; restore them with git")
     return FIXTURES
 
 

@@ -1,4 +1,4 @@
-"""Parity with the ORIGINAL PyTorch code, via the golden fixtures (../shared/fixtures).
+"""Parity with the ORIGINAL PyTorch code, via the golden fixtures (tests/fixtures).
 
 Tolerance: max |ours − golden| ≤ 1e-4 × max |golden| (fp32 on CPU; the goldens themselves move by
 ~1e-5 relative between 1 and 8 torch threads, see fixtures/README.md §8).

@@ -1,4 +1,4 @@
-"""Comparison of a loaded model with the golden outputs of the original code (`../shared/fixtures`)."""
+"""Comparison of a loaded model with the golden outputs of the original code (`tests/fixtures`)."""
 from __future__ import annotations
 
 import os
