@@ -18,16 +18,9 @@ from sketchcomp_jax.models.config import ModelConfig, Networks
 from sketchcomp_jax.parallel.mesh import barrier, replicate
 from sketchcomp_jax.train.loss import diffusion_loss
 from sketchcomp_jax.train.state import TrainState, merge_params
+from sketchcomp_jax.train.step import gather_tree
 
 log = logging.getLogger(__name__)
-
-
-def _gathered(tree, gather: NamedSharding | None):
-    """FSDP: constrain weights to `gather` (replicated) inside the program, as the train step does, so XLA
-    all-gathers weights instead of re-partitioning activations."""
-    if gather is None:
-        return tree
-    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, gather), tree)
 
 
 def _compile_once(jitted, args, what: str):
@@ -50,7 +43,7 @@ class EvalLoss:
         replicated = NamedSharding(mesh, P())
 
         def loss_of(trainable, frozen, batch, index):
-            params = merge_params(_gathered(trainable, gather), _gathered(frozen, gather))
+            params = merge_params(gather_tree(trainable, gather), gather_tree(frozen, gather))
             key = jax.random.PRNGKey(1000 + index)
             return diffusion_loss(params, batch, key, nets, model_config, alphas_cumprod, 0.0)[0]
 
@@ -81,7 +74,7 @@ class SampleGrid:
         replicated = NamedSharding(mesh, P())
 
         def program(trainable, frozen, inputs, ids):
-            params = merge_params(_gathered(trainable, gather), _gathered(frozen, gather))
+            params = merge_params(gather_tree(trainable, gather), gather_tree(frozen, gather))
             base = jax.random.PRNGKey(seed)
             keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
             return generator.images(params, inputs, keys)

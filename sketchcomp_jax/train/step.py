@@ -6,6 +6,7 @@ run draws. The step is compiled ahead of time with explicit in/out shardings and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable
 
@@ -23,6 +24,17 @@ from sketchcomp_jax.train.state import TrainState, lit_ema_update, merge_params,
 log = logging.getLogger(__name__)
 
 
+def gather_tree(tree: Any, gather: NamedSharding | Callable[[Any], Any] | None) -> Any:
+    """`tree` constrained (inside a jitted program) to `gather`: a sharding for every leaf, a function of the
+    tree (`partitioning.gather_constraint`), or None for no constraint. FSDP uses it so XLA all-gathers
+    weights instead of re-partitioning activations to match sharded weights."""
+    if gather is None:
+        return tree
+    if callable(gather):
+        return gather(tree)
+    return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, gather), tree)
+
+
 def make_step_fn(nets: Networks, model_config: ModelConfig, tx: optax.GradientTransformation,
                  alphas_cumprod: jax.Array, seed: int, uncond_prob: float = 0.2, per_sample_uncond: bool = False,
                  ema_decay: float = 0.9999, gather_params: NamedSharding | Callable[[Any], Any] | None = None,
@@ -33,13 +45,7 @@ def make_step_fn(nets: Networks, model_config: ModelConfig, tx: optax.GradientTr
     parallelism it is a function of a params subtree (`partitioning.gather_constraint`) that gathers the fsdp
     axis only, keeping each leaf's tensor split."""
     base_key = jax.random.PRNGKey(seed)
-
-    def gathered(tree):
-        if gather_params is None:
-            return tree
-        if callable(gather_params):
-            return gather_params(tree)
-        return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, gather_params), tree)
+    gathered = functools.partial(gather_tree, gather=gather_params)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(base_key, state.step)
