@@ -18,6 +18,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from sketchcomp_jax.weights.errors import CheckpointError
+from sketchcomp_jax.weights.folders import read_diffusers_folder
 from sketchcomp_jax.weights.readers import (
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,
@@ -28,7 +29,6 @@ from sketchcomp_jax.weights.readers import (
     UnknownFormatError,
     UnsafeCheckpointError,
     detect_format,
-    read_diffusers_folder,
     read_state_dict,
 )
 

@@ -300,7 +300,8 @@ def load_clip_text(
     An explicit `config` overrides the folder's `config.json`. Files are read by
     `sketchcomp_jax.weights.readers` (no pickle code runs).
     """
-    from sketchcomp_jax.weights.readers import _component_weights, read_state_dict
+    from sketchcomp_jax.weights.folders import component_weights
+    from sketchcomp_jax.weights.readers import read_state_dict
 
     p = pathlib.Path(path).expanduser()
     if not p.exists():
@@ -320,7 +321,7 @@ def load_clip_text(
                     "weights (or pass config=...)"
                 )
             cfg = CLIPTextConfig.from_json(config_path)
-        sd = _component_weights(p)
+        sd = component_weights(p)
         return text_params_from_state_dict(sd, cfg, source=str(p))
     sd = read_state_dict(p)
     return text_params_from_state_dict(sd, config, num_attention_heads=num_attention_heads, source=str(p))

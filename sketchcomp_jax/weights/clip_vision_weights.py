@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from sketchcomp_jax.weights.convert import CheckpointMismatchError, _get_path, _listing, _set_path, torch_to_flax
 from sketchcomp_jax.weights.keymap import clip_vision_entries
-from sketchcomp_jax.weights.readers import read_transformers_folder
+from sketchcomp_jax.weights.folders import read_transformers_folder
 
 PROJECTION_KEY = "visual_projection.weight"
 

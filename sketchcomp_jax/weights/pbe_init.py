@@ -30,7 +30,8 @@ import numpy as np
 from sketchcomp_jax.models.clip_vision import CLIPVisionConfig
 from sketchcomp_jax.weights.convert import CheckpointMismatchError, normalize_clip_prefix
 from sketchcomp_jax.weights.keymap import CLIP_PREFIX, MAPPER_PREFIX, UNET_PREFIX
-from sketchcomp_jax.weights.readers import read_state_dict, read_transformers_folder
+from sketchcomp_jax.weights.folders import read_transformers_folder
+from sketchcomp_jax.weights.readers import read_state_dict
 
 log = logging.getLogger(__name__)
 

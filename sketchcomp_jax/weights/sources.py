@@ -23,7 +23,8 @@ from sketchcomp_jax.weights.convert import (
 from sketchcomp_jax.weights.diffusers_config import model_config_from_diffusers
 from sketchcomp_jax.weights.infer import infer_model_config, ldm_use_ema, load_ldm_yaml
 from sketchcomp_jax.weights.model_dir import LoadedModel
-from sketchcomp_jax.weights.readers import detect_format, read_diffusers_folder, read_state_dict
+from sketchcomp_jax.weights.folders import read_diffusers_folder
+from sketchcomp_jax.weights.readers import detect_format, read_state_dict
 
 log = logging.getLogger(__name__)
 
