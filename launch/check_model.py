@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
 
@@ -42,4 +42,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from sketchcomp_jax.cli_checks import run
+
+    run(main)

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
 
@@ -39,6 +39,25 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out direc
 def main(argv):
     del argv
     configure_cli_logging(FLAGS.library_logs)
+    from sketchcomp_jax import cli_checks as C
+
+    try:  # before any weights are read
+        src = C.input_file("src", FLAGS.src, "checkpoint file") if not os.path.isdir(FLAGS.src or "") else FLAGS.src
+        for flag in ("ldm_config", "clip_config"):
+            if FLAGS[flag].value is not None:
+                C.input_file(flag, FLAGS[flag].value)
+        if FLAGS.clip_from is not None and not os.path.isdir(FLAGS.clip_from):
+            C.input_file("clip_from", FLAGS.clip_from, "CLIP folder or weights file")
+        C.number("resolution", FLAGS.resolution, lo=8, hi=8192)
+        if FLAGS.resolution % 8:
+            raise C.UsageError(f"--resolution={FLAGS.resolution} is not a multiple of 8 (the VAE's downsampling)")
+        C.number("in_channels", FLAGS.in_channels, lo=1, allow_none=True)
+        C.output_dir("out", FLAGS.out)
+        if os.path.isdir(FLAGS.out) and os.listdir(FLAGS.out) and not FLAGS.overwrite:
+            raise C.UsageError(f"--out {FLAGS.out} exists and is not empty; choose another --out or pass --overwrite")
+    except C.UsageError as e:
+        return C.report("convert.py", e)
+    del src
     from sketchcomp_jax.models.unet import count_params
     from sketchcomp_jax.weights.errors import CheckpointError
     from sketchcomp_jax.weights.model_dir import save_model_dir
@@ -51,8 +70,7 @@ def main(argv):
         )
         out = save_model_dir(FLAGS.out, model.config, model.params, source, overwrite=FLAGS.overwrite)
     except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
-        print(f"convert.py: error: {e}", file=sys.stderr)
-        return 2
+        return C.report("convert.py", e)
     cfg = model.config
     counts = {name: count_params(p) for name, p in model.params.items()}
     print(
@@ -65,4 +83,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from sketchcomp_jax.cli_checks import run
+
+    run(main)

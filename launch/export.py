@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
 
@@ -31,6 +31,21 @@ flags.DEFINE_bool("overwrite", False, "Replace existing output files / folder.")
 def main(argv):
     del argv
     configure_cli_logging(FLAGS.library_logs)
+    from sketchcomp_jax import cli_checks as C
+
+    try:  # before JAX and any weights are loaded
+        if FLAGS.format not in ("ldm", "diffusers", "safetensors"):
+            raise C.UsageError(f"unknown export format {FLAGS.format!r}; choose one of ldm, diffusers, safetensors")
+        if (FLAGS.model is None) == (FLAGS.workdir is None):
+            raise C.UsageError("give exactly one of --model DIR or --workdir DIR")
+        if FLAGS.model is not None:
+            C.input_dir("model", FLAGS.model, "model directory")
+        if FLAGS.workdir is not None:
+            C.input_dir("workdir", FLAGS.workdir, "training work directory")
+        C.number("step", FLAGS.step, lo=0, allow_none=True)
+        # --out (exists, kind, companions, permissions) is checked by weights.export.check_output, also first.
+    except C.UsageError as e:
+        return C.report("export.py", e)
     from sketchcomp_jax.weights.errors import CheckpointError
     from sketchcomp_jax.weights.export import export
 
@@ -40,11 +55,12 @@ def main(argv):
             dtype=FLAGS.dtype, include_ema=FLAGS.include_ema, overwrite=FLAGS.overwrite,
         )
     except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, NotImplementedError, ValueError) as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 2
+        return C.report("export.py", e)
     print(f"wrote {FLAGS.format} export ({FLAGS.dtype}): " + ", ".join(str(p) for p in written))
     return 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from sketchcomp_jax.cli_checks import run
+
+    run(main)

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
 
@@ -39,34 +39,95 @@ flags.DEFINE_string("prompt", None, "Text for a text-conditioned model (the Pain
 flags.DEFINE_bool("grid", False, "Also write OUT_grid.png with all samples side by side.")
 flags.DEFINE_enum("attention", None, ["auto", "xla", "chunked", "splash", "cudnn"],
                   "Attention backend (overrides the model's config.json; see docs/attention.md).")
+flags.DEFINE_bool("overwrite", False, "Replace existing output files (default: refuse to touch them).")
+
+
+def _output_paths(out: str, num_samples: int, grid: bool) -> tuple[list[str], str | None]:
+    stem, ext = os.path.splitext(out)
+    files = [out] if num_samples == 1 else [f"{stem}_{i}{ext}" for i in range(num_samples)]
+    return files, (f"{stem}_grid{ext}" if grid else None)
+
+
+def check_flags() -> dict:
+    """Every flag and input file, checked before the model is loaded (seconds) and sampled (minutes).
+    Returns the parsed extras: the reference box, the noise array, the output paths."""
+    from PIL import Image
+
+    from sketchcomp_jax import cli_checks as C
+    from sketchcomp_jax import imageio, paths
+
+    C.number("steps", FLAGS.steps, lo=1, hi=1000)
+    C.number("guidance_scale", FLAGS.guidance_scale)
+    C.number("sketch_drop_after", FLAGS.sketch_drop_after, lo=0.0, hi=1.0)
+    C.number("drop_value", FLAGS.drop_value, lo=-1.0, hi=1.0)
+    C.number("eta", FLAGS.eta, lo=0.0)
+    C.number("num_samples", FLAGS.num_samples, lo=1)
+    C.number("self_reference_iterations", FLAGS.self_reference_iterations, lo=0)
+    box = C.parse_box("reference_box", FLAGS.reference_box) if FLAGS.reference_box else None
+    if FLAGS.reference is None and box is None and FLAGS.prompt is None:
+        raise C.UsageError("give --reference or --reference_box (or --prompt for a text-conditioned model)")
+    model = C.input_dir("model", FLAGS.model, "model directory")
+    # The same test as model_source.is_model_dir / is_training_workdir, without importing JAX.
+    if not paths.is_remote(model) and not ((model / "config.json").is_file() or (model / "model_config.json").is_file()):
+        raise C.UsageError(f"--model {model} is neither a model directory (config.json + params/, from "
+                           "launch/convert.py) nor a training work directory (from launch/train.py)")
+    try:
+        size = imageio.image_size(FLAGS.image, "--image")
+        for flag in ("mask", "sketch"):  # refused, not stretched: a mask drawn for another size is misplaced
+            path = getattr(FLAGS, flag)
+            if path is not None:
+                other = imageio.image_size(path, f"--{flag}")
+                if other != size:
+                    raise C.UsageError(
+                        f"--{flag} {path} is {other[0]}x{other[1]} but --image is {size[0]}x{size[1]}; draw or "
+                        f"resize the {flag} to the image's size")
+        if FLAGS.reference is not None:
+            imageio.image_size(FLAGS.reference, "--reference")
+        if box is not None:
+            imageio.check_box(box, size, "--reference_box")
+    except FileNotFoundError as e:
+        raise C.UsageError(str(e)) from None
+    noise = C.load_npy("noise", FLAGS.noise) if FLAGS.noise else None
+    files, grid = _output_paths(FLAGS.out, FLAGS.num_samples, FLAGS.grid)
+    extensions = [e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE]
+    C.output_files("out", files + ([grid] if grid else []), overwrite=FLAGS.overwrite, extensions=extensions)
+    return dict(box=box, noise=noise, files=files, grid=grid)
+
+
+def _save_all(images: dict[str, "Image.Image"]) -> None:
+    """Writes every picture to a hidden temporary sibling first and renames them into place only when all
+    are written: an interrupted or failed run leaves none of the outputs half-written."""
+    tmps = []
+    try:
+        for path, img in images.items():
+            head, tail = os.path.split(path)
+            tmp = os.path.join(head, f".{tail}.partial{os.path.splitext(tail)[1]}")
+            tmps.append(tmp)
+            img.save(tmp)
+        for tmp, path in zip(tmps, images):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def main(argv):
     del argv
     configure_cli_logging(FLAGS.library_logs)
-    import numpy as np
+    from sketchcomp_jax.cli_checks import UsageError, report
+
+    try:
+        checked = check_flags()
+    except (UsageError, ValueError) as e:
+        return report("sample.py", e)
+
     from PIL import Image
     from tqdm import tqdm
 
     from sketchcomp_jax.pipeline import SketchCompositionPipeline
 
     try:
-        box = None
-        if FLAGS.reference_box:
-            box = [int(v) for v in FLAGS.reference_box.split(",")]
-            if len(box) != 4:
-                raise ValueError("--reference_box needs four integers x0,y0,x1,y1")
-        if FLAGS.reference is None and box is None and FLAGS.prompt is None:
-            raise ValueError("give --reference or --reference_box (or --prompt for a text-conditioned model)")
-        noise = None
-        if FLAGS.noise:
-            try:
-                noise = np.load(FLAGS.noise)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"--noise {FLAGS.noise} is not a readable .npy file ({e})") from None
-        out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
-        if not os.path.isdir(out_dir):
-            raise ValueError(f"output folder {out_dir} does not exist")
         with tqdm(total=3, desc="sample", unit="stage") as bar:
             bar.set_postfix_str("loading model")
             pipe = SketchCompositionPipeline.from_pretrained(FLAGS.model, attention=FLAGS.attention)
@@ -74,32 +135,30 @@ def main(argv):
             bar.set_postfix_str(f"{FLAGS.sampler} × {FLAGS.steps} steps (first call compiles)")
             result = pipe(
                 FLAGS.image, FLAGS.mask, FLAGS.sketch, FLAGS.reference,
-                num_samples=FLAGS.num_samples, seed=FLAGS.seed, noise=noise, sampler=FLAGS.sampler,
+                num_samples=FLAGS.num_samples, seed=FLAGS.seed, noise=checked["noise"], sampler=FLAGS.sampler,
                 steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale, sketch_drop_after=FLAGS.sketch_drop_after,
                 drop_value=FLAGS.drop_value, eta=FLAGS.eta, vae_encode=FLAGS.vae_encode,
-                paste_back=FLAGS.paste_back, reference_box=box,
+                paste_back=FLAGS.paste_back, reference_box=checked["box"],
                 self_reference_iterations=FLAGS.self_reference_iterations, prompt=FLAGS.prompt,
             )
             bar.update()
             bar.set_postfix_str("writing")
-            stem, ext = os.path.splitext(FLAGS.out)
-            ext = ext or ".png"
-            paths = [FLAGS.out] if len(result.images) == 1 else [f"{stem}_{i}{ext}" for i in range(len(result.images))]
-            for img, path in zip(result.images, paths):
-                img.save(path)
-            if FLAGS.grid:
+            outputs = dict(zip(checked["files"], result.images))
+            if checked["grid"]:
                 w, h = result.images[0].size
                 grid = Image.new("RGB", (w * len(result.images), h))
                 for i, img in enumerate(result.images):
                     grid.paste(img, (i * w, 0))
-                grid.save(f"{stem}_grid{ext}")
+                outputs[checked["grid"]] = grid
+            _save_all(outputs)
             bar.update()
     except (ValueError, FileNotFoundError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    print("wrote " + ", ".join(paths))
+        return report("sample.py", e)
+    print("wrote " + ", ".join(outputs))
     return 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from sketchcomp_jax.cli_checks import run
+
+    run(main)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import threading
 from typing import Union
 
 import numpy as np
@@ -16,13 +17,86 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
+# Size limits of user images (source, mask, sketch, reference). The maximum is Pillow's own decompression-bomb
+# threshold (~89.5 megapixels, e.g. 9459×9459): above it Pillow warns, above twice it refuses with a traceback;
+# we refuse with one line instead, before decoding anything. The minimum is one latent pixel of the VAE
+# (factor 8): a smaller picture carries no usable content (and a 1×1 source would give a 1×1 result).
+MAX_IMAGE_PIXELS = 89_478_485
+MIN_IMAGE_SIDE = 8
+
+
+def check_image_size(size: tuple[int, int], what: str = "image", where: object = "") -> None:
+    """Refuses (ValueError) a (W, H) size outside [MIN_IMAGE_SIDE, …] per side and ≤ MAX_IMAGE_PIXELS in all."""
+    w, h = size
+    name = f"{what} {where}".strip()
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{name} is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of "
+                         f"{MAX_IMAGE_PIXELS / 1e6:.1f} MP; downscale it first")
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{name} is {w}x{h}; each side must be at least {MIN_IMAGE_SIDE} pixels")
+
+
+def _check_path(path: pathlib.Path, what: str) -> None:
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory, not an image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def image_size(source: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """(W, H) of an image file from its header only (nothing decoded), after the checks of `load_image`:
+    a directory, a missing or non-image file, and a size outside the limits raise ValueError/FileNotFoundError."""
+    if not os.fspath(source).strip():
+        raise ValueError(f"{what}: the path is empty; give an image file")
+    path = pathlib.Path(source)
+    _check_path(path, what)
+    try:
+        with _open_header(path) as img:
+            size = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{what} {path} is not a readable image ({e}); is the file complete?") from None
+    check_image_size(size, what, path)
+    return size
+
+
+_HEADER_LOCK = threading.Lock()
+
+
+def _open_header(path: pathlib.Path) -> Image.Image:
+    """`Image.open` (reads the header only) without Pillow's bomb check, which would end in a warning or a
+    traceback: `check_image_size` applies our own limit, with a one-line message, before any pixel is decoded.
+    The switch is process-global, hence the lock; decoding happens after it is restored."""
+    with _HEADER_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def check_box(box, size: tuple[int, int], what: str = "reference_box") -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), exclusive ends, checked against a (W, H) image: an inverted or empty box and a box
+    reaching outside the image are refused (ValueError) with different messages."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    w, h = size
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"{what} ({x0},{y0},{x1},{y1}) is inverted or empty: it needs x0 < x1 and y0 < y1 "
+                         "(x0,y0 = top-left, x1,y1 = bottom-right, exclusive)")
+    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+        raise ValueError(f"{what} ({x0},{y0},{x1},{y1}) reaches outside the {w}x{h} source image; keep "
+                         f"0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}")
+    return x0, y0, x1, y1
+
 
 def load_image(source: ImageLike, what: str = "image") -> Image.Image:
     """A PIL image from a path, a PIL image, or an array (H,W) / (H,W,C) uint8, or float in [0, 1].
 
-    Raises ValueError/FileNotFoundError naming `what` and the path for missing, corrupt or non-image files.
+    Raises ValueError/FileNotFoundError naming `what` and the path for missing, corrupt or non-image files,
+    a directory, and sizes outside [MIN_IMAGE_SIDE per side, MAX_IMAGE_PIXELS] (checked before decoding).
     """
     if isinstance(source, Image.Image):
+        check_image_size(source.size, what)
         return source
     if isinstance(source, np.ndarray):
         arr = source
@@ -36,12 +110,15 @@ def load_image(source: ImageLike, what: str = "image") -> Image.Image:
             arr = (arr * 255).round().astype(np.uint8)
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
+        check_image_size((arr.shape[1], arr.shape[0]), what)
         return Image.fromarray(arr)
+    if not os.fspath(source).strip():
+        raise ValueError(f"{what}: the path is empty; give an image file")
     path = pathlib.Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+    _check_path(path, what)
     try:
-        with Image.open(path) as img:
+        with _open_header(path) as img:
+            check_image_size(img.size, what, path)
             img.load()
             return img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

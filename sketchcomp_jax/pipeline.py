@@ -111,6 +111,7 @@ class SketchCompositionPipeline:
         src = imageio.to_rgb(imageio.load_image(image, "image"))
         image_arr = imageio.to_unit_range(src.resize(size, Image.BICUBIC))
         mask_img = imageio.load_image(mask, "mask")
+        _warn_if_resized(mask_img, src, "mask")
         keep = imageio.keep_mask_from_image(mask_img, size)
         if keep.min() == 1.0:
             raise ValueError(
@@ -123,7 +124,9 @@ class SketchCompositionPipeline:
                 log.info("no sketch given: using an empty one (no strokes)")
                 sketch_arr = -np.ones(size[::-1] + (3,), np.float32)
             else:
-                sketch_arr = imageio.sketch_from_image(imageio.load_image(sketch, "sketch"), size)
+                sketch_img = imageio.load_image(sketch, "sketch")
+                _warn_if_resized(sketch_img, src, "sketch")
+                sketch_arr = imageio.sketch_from_image(sketch_img, size)
         elif sketch is not None:
             log.warning("this is a %d-channel model without sketch input: the sketch is ignored", cfg.unet.in_channels)
         if cfg.conditioning == "text":
@@ -139,11 +142,7 @@ class SketchCompositionPipeline:
 
     def _reference_image(self, src: Image.Image, reference, box) -> Image.Image:
         if box is not None:
-            x0, y0, x1, y1 = (int(v) for v in box)
-            w, h = src.size
-            if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-                raise ValueError(f"reference_box {tuple(box)} is not inside the {w}x{h} source image (x0,y0,x1,y1)")
-            return src.crop((x0, y0, x1, y1))
+            return src.crop(imageio.check_box(box, src.size))  # inverted and outside-image boxes: own messages
         if reference is None:
             raise ValueError("give a reference image, or a reference_box to crop it from the source (self-reference)")
         return imageio.to_rgb(imageio.load_image(reference, "reference"))
@@ -276,6 +275,13 @@ class SketchCompositionPipeline:
         if not paste_back:
             return out
         return paste_into_source(out, inputs.source_image, inputs.keep_mask[0, ..., 0])
+
+
+def _warn_if_resized(img: Image.Image, src: Image.Image, what: str) -> None:
+    """The API stretches a mask/sketch of another size onto the image (launch/sample.py refuses it instead)."""
+    if img.size != src.size:
+        log.warning("%s is %dx%d but the image is %dx%d: stretching it to the image (draw it at the image's size "
+                    "to avoid distortion)", what, *img.size, *src.size)
 
 
 def paste_into_source(generated: Image.Image, source: Image.Image, keep_mask: np.ndarray, feather: float | None = None) -> Image.Image:
