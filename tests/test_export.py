@@ -19,6 +19,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save as torch_save_bytes
 
+from sketchcomp_jax.models.clip_norm import CLIP_MEAN
 from sketchcomp_jax.models.config import build_networks
 from sketchcomp_jax.models.vae import AutoencoderKL
 from sketchcomp_jax.weights import export as ex
@@ -276,7 +277,7 @@ def test_diffusers_folder_layout_and_pipeline(diffusers_export):
     assert any(k.startswith("model.vision_model.") for k in keys) and "uncond_vector" in keys
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == model.config.scale_factor
     fe = CLIPImageProcessor.from_pretrained(out / "feature_extractor")
-    assert list(fe.image_mean) == list(ex.CLIP_MEAN) and fe.crop_size["height"] == 24
+    assert list(fe.image_mean) == list(CLIP_MEAN) and fe.crop_size["height"] == 24
     # diffusers >= 0.42 cannot resolve the hub's ["paint_by_example", …] entry in from_pretrained;
     # building the pipeline from the components (docs/export.md) works.
     parts = _load_components(out)

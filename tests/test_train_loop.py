@@ -180,7 +180,7 @@ def test_trained_unet_and_vae_run_identically_in_pytorch(uninterrupted):
     from sketchcomp_jax.models.config import build_networks
     from sketchcomp_jax.models.vae import AutoencoderKL as FlaxVAE
     from sketchcomp_jax.train.checkpointing import load_training_params
-    from sketchcomp_jax.weights.export import diffusers_configs, diffusers_state_dicts
+    from sketchcomp_jax.weights.export_diffusers import diffusers_configs, diffusers_state_dicts
 
     workdir, _ = uninterrupted
     config, params, _, _ = load_training_params(workdir, 6)

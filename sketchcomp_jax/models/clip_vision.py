@@ -17,12 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from sketchcomp_jax.models.attention import attention
+from sketchcomp_jax.models.clip_norm import CLIP_MEAN, CLIP_STD  # noqa: F401  (part of this module's API)
 from sketchcomp_jax.models.layers import ACTIVATIONS, LayerNorm, dense
 
 Dtype = Any
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,3 +32,11 @@ class NotAStateDictError(CheckpointError):
 
 class DiffusersFolderError(CheckpointError):
     """A diffusers pipeline folder is missing its components, configs or weights files."""
+
+
+class ExportError(CheckpointError):
+    """The export cannot be written: bad format / dtype / output path, or the model cannot be expressed."""
+
+
+class TrainingCheckpointsUnavailableError(ExportError, NotImplementedError):
+    """`--workdir` has no (readable) training checkpoints."""
