@@ -51,6 +51,27 @@ flags.DEFINE_integer("process_id", None, "With --coordinator: this process's ind
 def main(argv):
     del argv
     configure_cli_logging(FLAGS.library_logs)
+    from sketchcomp_jax import cli_checks as C
+
+    try:  # flags and paths, before JAX is imported and the model loaded (H17: sketchcomp_jax/cli_checks.py)
+        C.number("num", FLAGS.num, lo=0)
+        C.number("batch_size", FLAGS.batch_size, lo=1)
+        C.number("steps", FLAGS.steps, lo=1, hi=1000)
+        C.number("guidance_scale", FLAGS.guidance_scale)
+        C.number("sketch_drop_after", FLAGS.sketch_drop_after, lo=0.0, hi=1.0)
+        C.number("drop_value", FLAGS.drop_value, lo=-1.0, hi=1.0)
+        C.number("edge_tolerance", FLAGS.edge_tolerance, lo=0.0)
+        C.input_dir("data", FLAGS.data, "prepared dataset directory")
+        if FLAGS.model is not None:
+            C.input_dir("model", FLAGS.model, "model directory")
+        for flag in ("inception_weights", "pidinet_weights"):
+            if FLAGS[flag].value is not None:
+                C.input_file(flag, FLAGS[flag].value, "weights file")
+        # Re-running with the same --out resumes (the samples folder is the cache), so an existing results file
+        # is replaced; a directory there, or a missing/unwritable folder, is refused.
+        C.output_file("out", FLAGS.out, overwrite=True, create_parent=True, extensions=[".json"])
+    except C.UsageError as e:
+        return C.report("evaluate.py", e)
     from sketchcomp_jax.eval.evaluate import EvalSettings, evaluate, fix_malloc_mmap_threshold
 
     fix_malloc_mmap_threshold()  # steady host memory over thousands of batches (see its docstring)

@@ -45,6 +45,28 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 def main(argv):
     del argv
     configure_cli_logging(FLAGS.library_logs)
+    from sketchcomp_jax import cli_checks as C
+
+    try:  # before TensorFlow/JAX are imported and any image is read
+        C.number("test_fraction", FLAGS.test_fraction, lo=0.0, hi=1.0, hi_open=True)
+        C.number("max_side", FLAGS.max_side, lo=0)
+        C.number("shard_size", FLAGS.shard_size, lo=1)
+        C.number("num_threads", FLAGS.num_threads, lo=1, allow_none=True)
+        C.number("pidinet_bucket", FLAGS.pidinet_bucket, lo=0)
+        C.number("batch_size", FLAGS.batch_size, lo=1)
+        C.number("synthetic", FLAGS.synthetic, lo=1, allow_none=True)
+        C.number("size", FLAGS.size, lo=32, hi=4096)
+        if FLAGS.images is not None:
+            C.input_dir("images", FLAGS.images, "folder of images")
+        if FLAGS.tags is not None:
+            C.input_dir("tags", FLAGS.tags, "folder of tag .txt files")
+        if FLAGS.pidinet_weights is not None:
+            C.input_file("pidinet_weights", FLAGS.pidinet_weights, "weights file")
+        C.output_dir("out", FLAGS.out)
+        if FLAGS.save_sketches is not None:
+            C.output_dir("save_sketches", FLAGS.save_sketches)
+    except C.UsageError as e:
+        return C.report("prepare_data.py", e)
     from sketchcomp_jax.data import records
 
     try:
@@ -83,8 +105,7 @@ def main(argv):
             overwrite=FLAGS.overwrite, progress=FLAGS.progress,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"prepare_data.py: error: {e}", file=sys.stderr)
-        return 2
+        return C.report("prepare_data.py", e)
     print(summary.text())
     return 0
 

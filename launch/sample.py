@@ -88,10 +88,34 @@ def check_flags() -> dict:
     except FileNotFoundError as e:
         raise C.UsageError(str(e)) from None
     noise = C.load_npy("noise", FLAGS.noise) if FLAGS.noise else None
+    if noise is not None:
+        _check_noise_shape(model, noise.shape, FLAGS.num_samples)
     files, grid = _output_paths(FLAGS.out, FLAGS.num_samples, FLAGS.grid)
     extensions = [e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE]
     C.output_files("out", files + ([grid] if grid else []), overwrite=FLAGS.overwrite, extensions=extensions)
     return dict(box=box, noise=noise, files=files, grid=grid)
+
+
+def _check_noise_shape(model, shape: tuple[int, ...], num_samples: int) -> None:
+    """The pipeline's own noise-shape rule, applied before the model is loaded (from its JSON config)."""
+    import json
+
+    from sketchcomp_jax import cli_checks as C
+    from sketchcomp_jax import paths
+
+    if paths.is_remote(model):
+        return
+    name = "config.json" if (model / "config.json").is_file() else "model_config.json"
+    try:
+        cfg = json.loads((model / name).read_text())
+        lat = int(cfg["resolution"]) // 2 ** (len(cfg["vae"]["ch_mult"]) - 1)
+        expected = (int(cfg["unet"]["out_channels"]), lat, lat)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an unreadable config is reported when the model is loaded
+    if len(shape) != 4 or tuple(shape[1:]) != expected or shape[0] not in (1, num_samples):
+        raise C.UsageError(
+            f"--noise has shape {tuple(shape)}; this model needs NCHW (N, {expected[0]}, {expected[1]}, "
+            f"{expected[2]}) with N = 1 or --num_samples={num_samples} (the PyTorch original's layout)")
 
 
 def _save_all(images: dict[str, "Image.Image"]) -> None:

@@ -27,16 +27,27 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     del argv
     configure_cli_logging(FLAGS.library_logs)
+    from sketchcomp_jax import cli_checks as C
+    from sketchcomp_jax.train.config_checks import check_train_config
+
+    try:  # before JAX, the data and the compilation
+        cfg = FLAGS.config
+        cfg.get("total_steps")  # a config file that failed to load raises here
+        C.output_dir("workdir", FLAGS.workdir)
+        check_train_config(cfg, FLAGS.workdir)
+    except OSError as e:
+        return C.report("train.py", f"--config: {C.first_and_last_line(e)}")
+    except C.UsageError as e:
+        return C.report("train.py", e)
     from sketchcomp_jax.train.loop import TrainingDiverged, train
 
     try:
-        summary = train(FLAGS.config, FLAGS.workdir)
+        summary = train(cfg, FLAGS.workdir)
     except TrainingDiverged as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return C.report("train.py", e)
     print(f"train.py: {summary['stop_reason']} at step {summary['step']}; last metrics {summary['last']}")
     return 0
 

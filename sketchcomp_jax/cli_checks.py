@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import re
 import sys
 from typing import Callable, Iterable, Sequence
 
@@ -30,6 +31,15 @@ def one_line(message: object) -> str:
     return "; ".join(parts) if parts else type(message).__name__
 
 
+def first_and_last_line(message: object) -> str:
+    """A library's multi-line error (ml_collections wraps a config file's exception in its whole traceback, or
+    lists every path it tried) cut to its first and last lines: what failed, and why."""
+    lines = [p.strip() for p in str(message).strip().splitlines() if p.strip()]
+    if len(lines) <= 2:
+        return "; ".join(lines)
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+
+
 def report(prog: str, error: BaseException | str) -> int:
     """Prints `<prog>: error: <one line>` to stderr; returns 2, the tools' exit status for usage errors."""
     print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
@@ -43,11 +53,17 @@ def _flags_parser(prog: str):
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:
-            sys.exit(report(prog, f"{e} (see --helpshort)"))
+            sys.exit(report(prog, f"{first_and_last_line(e)} (see --helpshort)"))
         except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-            # ml_collections config overrides (`--config.no_such_key=1`, a bad `--config=file.py:variant`)
-            # raise plain exceptions from inside absl's parser.
-            sys.exit(report(prog, f"bad flag value: {e}"))
+            # ml_collections config overrides (`--config.no_such_key=1`, overrides of a config file that failed
+            # to load) raise plain exceptions from inside absl's parser.
+            why = first_and_last_line(e)
+            dotted = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=")[0]]
+            quoted = re.findall(r"'([^']+)'", why)
+            bad = next((a for a in dotted if quoted and a.endswith("." + quoted[0])), dotted[0] if len(dotted) == 1 else "")
+            if isinstance(e, (KeyError, AttributeError)):
+                why = f"the config has no such key ({why.strip(chr(34))}); check the name in the config file"
+            sys.exit(report(prog, f"bad flag {bad or 'value'}: {why}"))
 
     return parse
 

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from sketchcomp_jax.data import records
+from sketchcomp_jax.paths import as_path, rmtree
 
 log = logging.getLogger(__name__)
 
@@ -413,13 +414,17 @@ def prepare_dataset(
                                         height=h, width=w)
 
     pool = ThreadPoolExecutor(max_workers=threads)
+    num_usable = [0]  # images this run made records of
+    skipped_now: list[tuple[str, str]] = []
 
     def process(split: str, ids: Sequence[str]) -> records.ShardOutput:
         results = list(pool.map(load, ids))
         good = [r for r in results if isinstance(r, LoadedImage)]
         skipped = [r for r in results if not isinstance(r, LoadedImage)]
-        for item_id, reason in skipped:
-            log.warning("skipping %s: %s", item_id, reason)
+        for item_id, reason in skipped:  # the summary lists them all; here for --verbosity=1 / debugging
+            log.debug("skipping %s: %s", item_id, reason)
+        num_usable[0] += len(good)
+        skipped_now.extend(skipped)
         if batched:
             sketches = fn([g.rgb for g in good]) if good else []
             recs = list(pool.map(finish, good, sketches))
@@ -427,9 +432,21 @@ def prepare_dataset(
             recs = list(pool.map(lambda g: finish(g, fn([g.rgb])[0]), good))
         return records.ShardOutput(recs, skipped)
 
+    out_existed = as_path(out_dir).exists()
     try:
         with _pixel_limit(MAX_PIXELS):
             summary = writer.write(split_items, process, progress=progress, progress_desc=f"prepare ({sketcher_name})")
+    except ValueError:
+        if num_usable[0] or not skipped_now:
+            raise
+        # Every input was skipped: nothing worth resuming, so --out is left as it was (no progress folder,
+        # no empty shards; a folder this run created is removed).
+        writer.discard()
+        if not out_existed:
+            rmtree(out_dir)
+        first = "; ".join(f"{i}: {r}" for i, r in skipped_now[:3]) + ("; …" if len(skipped_now) > 3 else "")
+        raise ValueError(f"no usable images under {images_root}: all {len(skipped_now)} were skipped ({first}); "
+                         f"nothing was written to {out_dir}") from None
     finally:
         pool.shutdown()
     if sketch_root is not None and summary.shards_reused:  # shards done by an earlier run wrote theirs then, or not

@@ -379,6 +379,11 @@ class ShardedDatasetWriter:
 
     def _wipe(self) -> None:
         log.warning("removing the previous preparation in %s", self.out_dir)
+        self.discard()
+
+    def discard(self) -> None:
+        """Removes what a preparation put in ``out_dir`` (shards, TFDS metadata, progress markers), e.g. after a
+        run in which every input was skipped; other files there are left alone."""
         for p in list(self.out_dir.glob(f"{DATASET_NAME}-*")) + list(self.out_dir.glob(f".{DATASET_NAME}-*")):
             p.unlink()
         for name in ("dataset_info.json", "features.json", "metadata.json"):
