@@ -13,6 +13,7 @@ RUNTIME = [
     "scipy>=1.11",
     "safetensors>=0.4",
     "pillow>=10",
+    "opencv-python-headless>=4.8,<5",  # the reference augmentation's OpenCV calls (data/image_ops.py)
     "ml_collections>=0.1.1",
     "absl-py>=2",
     "pyyaml>=6",

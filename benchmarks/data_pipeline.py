@@ -223,11 +223,11 @@ def loader_throughput(data_dir: str, workers: int, batches: int, batch_size: int
 
 
 def check_reference_agrees(elements, n: int = 6) -> bool:
-    """Sanity: our OpenCV-exact reference augmentation equals OpenCV's for the same drawn parameters."""
+    """Sanity: our reference augmentation equals OpenCV's (albumentations' calls) for the same drawn parameters."""
     import cv2
     import numpy as np
 
-    from sketchcomp_jax.data import pipeline as P
+    from sketchcomp_jax.data import sample_recipe as P
     from sketchcomp_jax.data.records import decode_image
 
     rng = np.random.default_rng(0)
@@ -288,7 +288,7 @@ def main() -> None:
         print(f"sample construction at {RESOLUTION}² (reference {REFERENCE_SIZE}²), single process, 1 thread; "
               f"{len(elements)} scikit-image photos ({', '.join(f'{n} {h}x{w}' for n, (h, w) in shapes)}), "
               f"prepared with XDoG in {prep_s:.1f} s; median of {repeats} × {samples} samples")
-        print(f"  ours   grain TrainSample (numpy/PIL, OpenCV-exact fixed point)   {ours:7.2f} samples/s")
+        print(f"  ours   grain TrainSample (numpy/PIL + OpenCV calls)            {ours:7.2f} samples/s")
         print(f"  anchor original recipe (PIL + cv2 albumentations-style + bezier) {anchor:7.2f} samples/s")
         print(f"  reference augmentation equals OpenCV {cv2.__version__} pixel for pixel: {agrees}")
         if args.loader:

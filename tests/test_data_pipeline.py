@@ -12,8 +12,12 @@ import random
 import numpy as np
 import pytest
 
+from sketchcomp_jax.data import image_ops as ops
 from sketchcomp_jax.data import pipeline as P
+from sketchcomp_jax.data import sample_recipe as R
 from sketchcomp_jax.data.synthetic import render_scene, write_synthetic_dataset
+from sketchcomp_jax.models.clip_norm import CLIP_MEAN, CLIP_STD
+from sketchcomp_jax.ops import resize as rs
 
 # bezier 2024.6.20: the original's point list (jitter 0) for (bbox, extended bbox)
 BEZIER_GOLDEN = [
@@ -95,31 +99,31 @@ def _same(b1, b2):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_clip_constants_match_the_model():
-    from sketchcomp_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
+def test_clip_constants_are_openai_clip():
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    assert P.CLIP_MEAN == CLIP_MEAN and P.CLIP_STD == CLIP_STD
+    assert list(CLIP_MEAN) == list(OPENAI_CLIP_MEAN) and list(CLIP_STD) == list(OPENAI_CLIP_STD)
 
 
 def test_luts_are_torchvision_float32():
     import torch
     v = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 256).expand(3, 1, 256).float().div(255)
     unit = (v - 0.5) / 0.5
-    mean = torch.tensor(P.CLIP_MEAN).reshape(3, 1, 1)
-    std = torch.tensor(P.CLIP_STD).reshape(3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN).reshape(3, 1, 1)
+    std = torch.tensor(CLIP_STD).reshape(3, 1, 1)
     clip = (v - mean) / std
-    np.testing.assert_array_equal(P.LUT_UNIT, unit[0, 0].numpy())
-    np.testing.assert_array_equal(P.LUT_CLIP, clip[:, 0].numpy())
+    np.testing.assert_array_equal(R.LUT_UNIT, unit[0, 0].numpy())
+    np.testing.assert_array_equal(R.LUT_CLIP, clip[:, 0].numpy())
 
 
 def test_random_bbox_matches_the_original_rule():
     rng = np.random.default_rng(0)
     for _ in range(3000):
         w, h = int(rng.integers(1, 60)), int(rng.integers(1, 60))
-        x0, y0, x1, y1 = P.random_bbox((w, h), rng)
+        x0, y0, x1, y1 = R.random_bbox((w, h), rng)
         assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
         assert (x1 - x0) % 2 == 0 and (y1 - y0) % 2 == 0  # 2·(sw//2)
-    sizes = np.array([P.random_bbox((101, 51), rng) for _ in range(4000)])
+    sizes = np.array([R.random_bbox((101, 51), rng) for _ in range(4000)])
     # sw ~ U{0..W}: the box width 2·(sw//2) averages ≈ W/2
     assert abs((sizes[:, 2] - sizes[:, 0]).mean() - 50) < 2.5
     assert abs((sizes[:, 3] - sizes[:, 1]).mean() - 25) < 1.5
@@ -129,9 +133,9 @@ def test_pad_and_extend_stay_inside_the_image():
     rng = np.random.default_rng(1)
     for _ in range(2000):
         w, h = int(rng.integers(1, 80)), int(rng.integers(1, 80))
-        b = P.random_bbox((w, h), rng)
-        p = P.pad_bbox(b, (w, h))
-        e = P.extend_bbox(b, (w, h), rng)
+        b = R.random_bbox((w, h), rng)
+        p = R.pad_bbox(b, (w, h))
+        e = R.extend_bbox(b, (w, h), rng)
         assert 0 <= p[0] <= b[0] and 0 <= p[1] <= b[1] and b[2] <= p[2] <= w and b[3] <= p[3] <= h
         assert b[0] - p[0] == min(10, b[0]) and p[3] - b[3] == min(10, h - b[3])
         assert p[2] > p[0] and p[3] > p[1]  # the reference crop is never empty
@@ -142,9 +146,9 @@ def test_pad_and_extend_stay_inside_the_image():
 def test_bezier_points_match_the_bezier_package():
     """Exact floats from ``bezier.Curve.evaluate`` and the original's de-duplication (jitter 0)."""
     for bbox, ext, expected in BEZIER_GOLDEN:
-        assert P.bezier_polygon(bbox, ext, np.random.default_rng(0), jitter=0) == expected
+        assert R.bezier_polygon(bbox, ext, np.random.default_rng(0), jitter=0) == expected
     # a symmetric side: the mirror half is dropped only where the floats coincide exactly
-    ys = [P.bezier_evaluate([(0.0, 100.0), (50.0, 37.0), (100.0, 100.0)], i * 0.05)[1] for i in range(1, 19)]
+    ys = [R.bezier_evaluate([(0.0, 100.0), (50.0, 37.0), (100.0, 100.0)], i * 0.05)[1] for i in range(1, 19)]
     assert ys[:3] == [94.015, 88.66000000000001, 83.93499999999999]
     assert ys[7] == ys[11] == 69.76 and ys[8] != ys[10]
 
@@ -158,7 +162,7 @@ def test_bezier_evaluate_random_curves_against_the_package():
         curve = bezier.Curve(np.asfortranarray(nodes.T), degree=2)
         for i in range(1, 19):
             ref = curve.evaluate(i * 0.05)
-            assert P.bezier_evaluate([tuple(n) for n in nodes], i * 0.05) == (ref[0][0], ref[1][0])
+            assert R.bezier_evaluate([tuple(n) for n in nodes], i * 0.05) == (ref[0][0], ref[1][0])
 
 
 def test_bezier_hole_stays_inside_the_extended_box():
@@ -166,9 +170,9 @@ def test_bezier_hole_stays_inside_the_extended_box():
     w, h = 90, 70
     n_holes = 0
     for _ in range(400):
-        b = P.random_bbox((w, h), rng)
-        e = P.extend_bbox(b, (w, h), rng)
-        keep = P.polygon_keep_mask(P.bezier_polygon(b, e, rng), (w, h))
+        b = R.random_bbox((w, h), rng)
+        e = R.extend_bbox(b, (w, h), rng)
+        keep = R.polygon_keep_mask(R.bezier_polygon(b, e, rng), (w, h))
         assert set(np.unique(keep)) <= {0, 1}
         ys, xs = np.nonzero(keep == 0)
         if xs.size:
@@ -180,7 +184,7 @@ def test_bezier_hole_stays_inside_the_extended_box():
 
 
 def test_rectangle_mask_is_the_extended_box():
-    keep = P.rectangle_keep_mask([3, 2, 7, 9], (10, 12))
+    keep = R.rectangle_keep_mask([3, 2, 7, 9], (10, 12))
     assert keep.shape == (12, 10) and keep.dtype == np.uint8
     assert (keep[2:9, 3:7] == 0).all() and keep.sum() == 120 - 7 * 4
 
@@ -189,19 +193,19 @@ def test_square_crop_window():
     rng = np.random.default_rng(4)
     for _ in range(2000):
         w, h = int(rng.integers(2, 90)), int(rng.integers(2, 90))
-        b = P.random_bbox((w, h), rng)
-        e = P.extend_bbox(b, (w, h), rng)
-        top, bottom, left, right = P.square_crop_window((w, h), e, rng)
+        b = R.random_bbox((w, h), rng)
+        e = R.extend_bbox(b, (w, h), rng)
+        top, bottom, left, right = R.square_crop_window((w, h), e, rng)
         if w == h or (top, bottom, left, right) == (0, h, 0, w):
             continue
         assert bottom - top == right - left  # square
         assert top <= e[1] and bottom >= e[3] and left <= e[0] and right >= e[2]  # keeps the extended box
         assert 0 <= top and bottom <= h and 0 <= left and right <= w
-    assert P.square_crop_window((40, 40), [5, 5, 10, 10], rng) == (0, 40, 0, 40)
+    assert R.square_crop_window((40, 40), [5, 5, 10, 10], rng) == (0, 40, 0, 40)
 
 
 # --------------------------------------------------------------------------------------------------
-# OpenCV-exact reference augmentation
+# The reference augmentation's OpenCV calls (pinned to opencv-python 4.10 goldens)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -212,11 +216,11 @@ def _golden(name):
 
 def test_cv2_operations_match_opencv_goldens():
     img = _golden("img")
-    np.testing.assert_array_equal(P.cv2_resize_linear(img, 5, 4), _golden("down_5x4"))
-    np.testing.assert_array_equal(P.cv2_resize_linear(img, 13, 11), _golden("up_13x11"))
-    np.testing.assert_array_equal(P.cv2_warp_affine(img, P.cv2_rotation_matrix((9 / 2, 7 / 2), 17.0)), _golden("rot_17"))
-    np.testing.assert_array_equal(P.cv2_box_blur(img, 5), _golden("blur_5"))
-    np.testing.assert_array_equal(P.elastic_transform(img, 1234, alpha_affine=3.0), _golden("elastic_1234"))
+    np.testing.assert_array_equal(ops.cv2_resize_linear(img, 5, 4), _golden("down_5x4"))
+    np.testing.assert_array_equal(ops.cv2_resize_linear(img, 13, 11), _golden("up_13x11"))
+    np.testing.assert_array_equal(ops.cv2_warp_affine(img, ops.cv2_rotation_matrix((9 / 2, 7 / 2), 17.0)), _golden("rot_17"))
+    np.testing.assert_array_equal(ops.cv2_box_blur(img, 5), _golden("blur_5"))
+    np.testing.assert_array_equal(ops.elastic_transform(img, 1234, alpha_affine=3.0), _golden("elastic_1234"))
 
 
 def test_cv2_operations_random_against_opencv():
@@ -227,14 +231,14 @@ def test_cv2_operations_random_against_opencv():
     for _ in range(6):
         h, w = int(rng.integers(5, 300)), int(rng.integers(5, 300))
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        np.testing.assert_array_equal(P.cv2_resize_linear(img, 224, 224), cv2.resize(img, (224, 224), interpolation=cv2.INTER_LINEAR))
+        np.testing.assert_array_equal(ops.cv2_resize_linear(img, 224, 224), cv2.resize(img, (224, 224), interpolation=cv2.INTER_LINEAR))
         r = cv2.resize(img, (224, 224), interpolation=cv2.INTER_LINEAR)
         angle = float(rng.uniform(-20, 20))
         ref = cv2.warpAffine(r, cv2.getRotationMatrix2D((112.0, 112.0), angle, 1.0), (224, 224),
                              flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-        np.testing.assert_array_equal(P.cv2_warp_affine(r, P.cv2_rotation_matrix((112.0, 112.0), angle)), ref)
+        np.testing.assert_array_equal(ops.cv2_warp_affine(r, ops.cv2_rotation_matrix((112.0, 112.0), angle)), ref)
         for k in (3, 5, 7):
-            np.testing.assert_array_equal(P.cv2_box_blur(r, k), cv2.blur(r, (k, k)))
+            np.testing.assert_array_equal(ops.cv2_box_blur(r, k), cv2.blur(r, (k, k)))
         state = int(rng.integers(0, 10001))
         rs = np.random.RandomState(state)
         c, s = np.float32((224, 224)) // 2, 224 // 3
@@ -246,7 +250,7 @@ def test_cv2_operations_random_against_opencv():
         dy = np.float32(gaussian_filter(rs.rand(224, 224) * 2 - 1, 50))
         x, y = np.meshgrid(np.arange(224), np.arange(224))
         ref = cv2.remap(warped, np.float32(x + dx), np.float32(y + dy), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-        np.testing.assert_array_equal(P.elastic_transform(r, state), ref)
+        np.testing.assert_array_equal(ops.elastic_transform(r, state), ref)
 
 
 def test_gaussian_filter_reflect_matches_scipy():
@@ -255,12 +259,12 @@ def test_gaussian_filter_reflect_matches_scipy():
     rng = np.random.default_rng(6)
     for shape, sigma in [((224, 224), 50.0), ((30, 7), 50.0), ((40, 50), 2.5), ((1, 5), 50.0)]:
         a = rng.random(shape) * 2 - 1
-        np.testing.assert_allclose(P.gaussian_filter_reflect(a, sigma), ndimage.gaussian_filter(a, sigma), atol=1e-15)
+        np.testing.assert_allclose(ops.gaussian_filter_reflect(a, sigma), ndimage.gaussian_filter(a, sigma), atol=1e-15)
 
 
 def test_reference_augmentation_draws():
     rng = np.random.default_rng(7)
-    draws = [P.ReferenceAugmentation.draw(rng) for _ in range(4000)]
+    draws = [R.ReferenceAugmentation.draw(rng) for _ in range(4000)]
     assert abs(np.mean([d.flip for d in draws]) - 0.5) < 0.03
     assert abs(np.mean([d.angle is not None for d in draws]) - 0.5) < 0.03
     assert abs(np.mean([d.blur_ksize is not None for d in draws]) - 0.3) < 0.03
@@ -284,15 +288,15 @@ def test_resize_matches_torch_and_the_model_side_resize():
     rng = np.random.default_rng(8)
     for h, w, r in [(421, 379, 333), (37, 90, 64), (512, 700, 512), (64, 64, 64), (5, 3, 32)]:
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        ours = P.resize_u8_bilinear(img, r, r, P.LUT_UNIT)
+        ours = rs.resize_u8_bilinear(img, r, r, R.LUT_UNIT)
         t = (torch.from_numpy(img).permute(2, 0, 1).float().div(255) - 0.5) / 0.5
         ref = torch.nn.functional.interpolate(t[None], size=(r, r), mode="bilinear", align_corners=False)[0]
         np.testing.assert_allclose(ours, ref.permute(1, 2, 0).numpy(), rtol=0, atol=2.5e-7)
-        model_side = np.asarray(resize_bilinear_no_antialias(jnp.asarray(P.LUT_UNIT[img][None]), r, r))[0]
+        model_side = np.asarray(resize_bilinear_no_antialias(jnp.asarray(R.LUT_UNIT[img][None]), r, r))[0]
         np.testing.assert_allclose(ours, model_side, rtol=0, atol=2.5e-7)  # one resize: same coefficients
-        np.testing.assert_allclose(P.resize_bilinear_np(P.LUT_UNIT[img], r, r), ours, rtol=0, atol=2.5e-7)
+        np.testing.assert_allclose(rs.resize_bilinear_np(R.LUT_UNIT[img], r, r), ours, rtol=0, atol=2.5e-7)
     same = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
-    np.testing.assert_array_equal(P.resize_u8_bilinear(same, 16, 16, P.LUT_UNIT), P.LUT_UNIT[same])
+    np.testing.assert_array_equal(rs.resize_u8_bilinear(same, 16, 16, R.LUT_UNIT), R.LUT_UNIT[same])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +327,7 @@ def _original_keep_mask(w: int, h: int, rnd: random.Random, percent: float) -> t
         for nodes in curves:
             xl, yl = [], []
             for i in range(1, 19):
-                px, py = P.bezier_evaluate([(float(a), float(b)) for a, b in nodes], i * 0.05)
+                px, py = R.bezier_evaluate([(float(a), float(b)) for a, b in nodes], i * 0.05)
                 if px not in xl and py not in yl:
                     pts.append((px + rnd.randint(-5, 5), py + rnd.randint(-5, 5)))
                     xl.append(px)
@@ -363,14 +367,14 @@ def test_mask_statistics_match_the_original(w, h):
     orig_keep, orig_bez = [], []
     for _ in range(n):
         m, bez = _original_keep_mask(w, h, rnd, 0.5)
-        orig_keep.append(float(P.resize_u8_bilinear(m.astype(np.uint8)[..., None], res, res, P.LUT_IDENTITY).mean()))
+        orig_keep.append(float(rs.resize_u8_bilinear(m.astype(np.uint8)[..., None], res, res, R.LUT_IDENTITY).mean()))
         orig_bez.append(bez)
     rng = np.random.default_rng(12)
     image = np.zeros((h, w, 3), np.uint8)
     sketch = np.zeros((h, w), np.uint8)
     ours_keep, ours_bez = [], []
     for _ in range(n):
-        s = P.make_sample(image, sketch, rng, resolution=res, reference_size=8, augment=False, return_boxes=True)
+        s = R.make_sample(image, sketch, rng, resolution=res, reference_size=8, augment=False, return_boxes=True)
         ours_keep.append(float(s["keep_mask"].mean()))
         ours_bez.append(s["boxes"].bezier)
     assert abs(np.mean(ours_bez) - 0.5) < 0.045 and abs(np.mean(orig_bez) - 0.5) < 0.045
@@ -387,16 +391,16 @@ def test_reference_comes_from_the_roi():
     image = np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
     rng = np.random.default_rng(13)
     for _ in range(50):
-        s = P.make_sample(image, np.zeros((h, w), np.uint8), rng, resolution=16, reference_size=24, augment=False,
+        s = R.make_sample(image, np.zeros((h, w), np.uint8), rng, resolution=16, reference_size=24, augment=False,
                           return_boxes=True)
         x0, y0, x1, y1 = s["boxes"].reference_box
         b = s["boxes"].bbox
         assert x0 == b[0] - min(10, b[0]) and y1 == b[3] + min(10, h - b[3])
-        ref = s["reference"] * np.asarray(P.CLIP_STD, np.float32) + np.asarray(P.CLIP_MEAN, np.float32)
+        ref = s["reference"] * np.asarray(CLIP_STD, np.float32) + np.asarray(CLIP_MEAN, np.float32)
         ref_x, ref_y = ref[..., 0] * 255, ref[..., 1] * 255
         assert ref_x.min() >= x0 - 0.51 and ref_x.max() <= x1 - 1 + 0.51
         assert ref_y.min() >= y0 - 0.51 and ref_y.max() <= y1 - 1 + 0.51
-        expected = P.clip_normalize(P.cv2_resize_linear(image[y0:y1, x0:x1], 24, 24))
+        expected = R.clip_normalize(ops.cv2_resize_linear(image[y0:y1, x0:x1], 24, 24))
         np.testing.assert_array_equal(s["reference"], expected)
 
 
@@ -407,7 +411,7 @@ def test_image_sketch_and_mask_are_cropped_identically():
     n_line = 0
     for i in range(40):
         # upsampling (crop side ≤ 80 → 96) so that some outputs read only line pixels
-        s = P.make_sample(image, sketch, rng, resolution=96, reference_size=16, augment=i % 2 == 0)
+        s = R.make_sample(image, sketch, rng, resolution=96, reference_size=16, augment=i % 2 == 0)
         assert s["gt"].shape == (96, 96, 3) and s["keep_mask"].shape == (96, 96, 1)
         assert s["sketch"].shape == (96, 96, 3) and s["reference"].shape == (16, 16, 3)
         assert all(v.dtype == np.float32 for v in s.values())
@@ -424,9 +428,9 @@ def test_image_sketch_and_mask_are_cropped_identically():
 def test_augmented_reference_differs_but_stays_normalised():
     image, sketch, _ = render_scene(1, 1, 96)
     rng = np.random.default_rng(15)
-    refs = [P.make_sample(image, sketch, rng, resolution=16, reference_size=32)["reference"] for _ in range(30)]
-    lo = (0 - np.asarray(P.CLIP_MEAN)) / np.asarray(P.CLIP_STD)
-    hi = (1 - np.asarray(P.CLIP_MEAN)) / np.asarray(P.CLIP_STD)
+    refs = [R.make_sample(image, sketch, rng, resolution=16, reference_size=32)["reference"] for _ in range(30)]
+    lo = (0 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
+    hi = (1 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
     for r in refs:
         assert r.shape == (32, 32, 3) and (r >= lo - 1e-5).all() and (r <= hi + 1e-5).all()
 

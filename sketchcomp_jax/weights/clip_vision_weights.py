@@ -70,7 +70,7 @@ def save_clip_vision_folder(config: CLIPVisionConfig, clip_params: dict[str, Any
     import pathlib
 
     from sketchcomp_jax.weights.convert import _get_path, flax_to_torch
-    from sketchcomp_jax.weights.export import save_safetensors
+    from sketchcomp_jax.weights.safetensors_io import save_safetensors
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
