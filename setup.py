@@ -19,7 +19,8 @@ RUNTIME = [
     "pyyaml>=6",
     "tqdm>=4.66",
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
-    "regex>=2023",  # CLIP tokenizer (text baseline)
+    "regex>=2023",  # CLIP tokenizer: the text cleanup and special-token split (text baseline)
+    "tokenizers>=0.15",  # CLIP tokenizer: the byte-level BPE (models/clip_tokenizer.py)
     "ftfy>=6",  # CLIP tokenizer text cleanup, as the original environment had it
     "gcsfs>=2024.2",  # gs:// work dirs, data and model dirs (etils.epath's GCS backend)
 ]

@@ -329,6 +329,31 @@ def test_tokenizer_matches_transformers(tok_folders, flavour):
     assert batch.shape == (len(PROMPTS), 77) and batch.dtype == np.int32
 
 
+def test_tokenizer_matches_transformers_on_a_corpus(tok_folders):
+    """Token ids identical to transformers' `CLIPTokenizer` (cleanup as the slow one, see the module docstring) on
+    1,000 seeded texts: tag lists, and random strings of letters, digits, punctuation, contractions, accents,
+    CJK, emoji, ligatures, zero-width / control characters and the special-token strings."""
+    import random
+
+    import ftfy
+    import regex
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    folder = tok_folders["sd1"]
+    hf = HFTokenizer.from_pretrained(folder)
+    ours = CLIPTokenizer.from_folder(folder, text_cleanup="ftfy")
+    rnd = random.Random(0)
+    alphabet = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.!?'’\"-_:;()[]{}<>/@#$%&*+=~|\t\n")
+                + list("éüßçñ東方プロジェクト가나다😀🎨ﬁＦＵＬＬ\u200b\u00a0\x07") + ["'s", "'ll", "'t", "  ", "<|endoftext|>"])
+    words = CORPUS.split()
+    for i in range(1000):
+        n = rnd.randint(0, 40)
+        text = " ".join(rnd.choice(words) for _ in range(n)) if i % 2 else "".join(rnd.choice(alphabet) for _ in range(n))
+        pieces = text.split("<|endoftext|>")  # transformers splits the special string off before cleaning too
+        clean = "<|endoftext|>".join(regex.sub(r"\s+", " ", ftfy.fix_text(p)).strip().lower() for p in pieces)
+        assert ours.encode(text) == _hf_ids(hf, clean), repr(text)
+
+
 def test_tokenizer_special_cases(tok_folders):
     tok = CLIPTokenizer.from_folder(tok_folders["sd1"], text_cleanup="basic")
     bos, eos = tok.bos_token_id, tok.eos_token_id

@@ -13,7 +13,10 @@ It reproduces transformers' (python, "slow") `CLIPTokenizer` as the LDM `FrozenC
 3. CLIP's regex splits the text into contractions, letter runs, single digits and runs of other
    non-space characters. Each piece is UTF-8 encoded and its bytes are mapped to printable unicode
    characters (GPT-2's byte-to-unicode table), its last symbol gets the `</w>` end-of-word suffix, and
-   BPE merges the adjacent pair of lowest merge rank until none applies.
+   BPE merges the adjacent pair of lowest merge rank until none applies. This step runs in the
+   `tokenizers` library (the Rust BPE of transformers' fast `CLIPTokenizer`, configured as CLIP's
+   `tokenizer.json` is: `Split` on CLIP's regex, `ByteLevel` without its own regex, `BPE` with the `</w>`
+   suffix); steps 1, 2 and 4 stay here because the fast tokenizer's normaliser is not ftfy / BERT's cleanup.
 4. `<|startoftext|> tokens[:max_length-2] <|endoftext|>`, then the pad token up to `max_length`.
 
 The folder holds `vocab.json` and `merges.txt` (as `openai/clip-vit-large-patch14` or an SD pipeline's
@@ -63,8 +66,10 @@ _PRETOKENIZE = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
+# The same without the special strings (split off before) and case-sensitive (the text is lower-cased), for the
+# `tokenizers` pre-tokeniser.
+_PRETOKENIZE_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _WHITESPACE_RUN = regex.compile(r"\s+")
-_BPE_CACHE_LIMIT = 200_000
 
 
 class TokenizerFolderNotFoundError(FileNotFoundError):
@@ -162,31 +167,27 @@ def _resolve_cleanup(text_cleanup: TextCleanup) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# BPE
+# BPE (the `tokenizers` library)
 # --------------------------------------------------------------------------------------------------
 
 
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Greedy BPE: repeatedly merge every occurrence (left to right) of the adjacent pair of lowest rank."""
-    while len(symbols) > 1:
-        best_rank, best = None, None
-        for pair in zip(symbols, symbols[1:]):
-            rank = ranks.get(pair)
-            if rank is not None and (best_rank is None or rank < best_rank):
-                best_rank, best = rank, pair
-        if best is None:
-            break
-        first, second = best
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
-                merged.append(first + second)
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return symbols
+def _bpe_tokenizer(vocab: dict[str, int], merges: Sequence[tuple[str, str]], unk_token: str, source: str):
+    """Pre-tokeniser + byte-level BPE as in CLIP's `tokenizer.json`, for text that is already cleaned (so no
+    normaliser) and holds no special-token strings (so no added tokens)."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    try:
+        bpe = models.BPE(vocab=vocab, merges=[tuple(m) for m in merges], unk_token=unk_token,
+                         continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD, fuse_unk=False)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a plain Exception for inconsistent files
+        raise TokenizerFileError(f"{source}: vocab.json and merges.txt do not fit together ({e})") from None
+    tok = tokenizers.Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(_PRETOKENIZE_WORDS), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    return tok
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,8 +299,7 @@ class CLIPTokenizer:
         # Longest first so that no special string is split by a shorter one that it contains.
         specials = sorted(set(self.special_tokens.values()), key=len, reverse=True)
         self._special_split = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
-        self._byte_table = bytes_to_unicode()
-        self._cache: dict[str, list[int]] = {}
+        self._bpe = _bpe_tokenizer(self.vocab, merges, unk_token, source)
 
     @classmethod
     def from_folder(
@@ -353,17 +353,6 @@ class CLIPTokenizer:
         """The cleanup step (see the module docstring) for one piece of text without special tokens."""
         return ftfy_cleanup(text) if self.cleanup == "ftfy" else basic_cleanup(text)
 
-    def _word_ids(self, word: str) -> list[int]:
-        ids = self._cache.get(word)
-        if ids is None:
-            symbols = [self._byte_table[b] for b in word.encode("utf-8")]
-            symbols[-1] += END_OF_WORD
-            ids = [self.vocab.get(s, self.unk_token_id) for s in _bpe(symbols, self.ranks)]
-            if len(self._cache) >= _BPE_CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[word] = ids
-        return ids
-
     def tokenize_ids(self, text: str) -> list[int]:
         """Token ids of `text`, without bos/eos, padding or truncation."""
         if not isinstance(text, str):
@@ -373,8 +362,9 @@ class CLIPTokenizer:
             if i % 2:  # a special-token string, kept by the capturing split
                 ids.append(self.vocab[piece])
                 continue
-            for word in _PRETOKENIZE.findall(self.clean(piece)):
-                ids.extend(self._word_ids(word))
+            cleaned = self.clean(piece)
+            if cleaned:
+                ids.extend(self._bpe.encode(cleaned, add_special_tokens=False).ids)
         return ids
 
     def encode(self, text: str, max_length: int | None = None, pad: bool = True) -> list[int]:
