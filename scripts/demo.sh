@@ -3,6 +3,6 @@
 # use), CPU-friendly. Re-running resumes from the last checkpoint in runs/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh
+bash scripts/setup_venv.sh  # training and sampling only: no torch, diffusers, gradio or playwright
 . .venv/bin/activate
 exec python launch/train.py --config=configs/demo.py --workdir "${WORKDIR:-runs/demo}" "$@"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the package with its test extras.
-# torch is pinned to 2.13.0, which resolves to the CPU wheel on the project machines.
+# Creates .venv (if missing) and installs the package: `setup_venv.sh` installs what training and sampling need
+# (scripts/demo.sh); `setup_venv.sh EXTRA` adds one of setup.py's extras: test (scripts/test.sh), torch, app, tpu,
+# cuda12. torch (test, torch) is pinned to 2.13.0, which resolves to the CPU wheel on the project machines.
 #
 # Only a .venv that belongs to this checkout is touched: the checkout's path is recorded in
 # .venv/.sketchcomp-project when the venv is created here. A .venv recorded for another checkout, a .venv
@@ -9,6 +10,11 @@
 # is used as it is (no reinstall).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extra="${1:-}"
+case "$extra" in
+  ""|test|torch|app|tpu|cuda12) ;;
+  *) echo "setup_venv.sh: error: unknown extra '$extra'; give one of test, torch, app, tpu, cuda12 (or none)" >&2; exit 2 ;;
+esac
 here="$(pwd -P)"
 marker=.venv/.sketchcomp-project
 refuse() {
@@ -40,10 +46,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "$here" > "$marker"
 fi
 . .venv/bin/activate
-stamp=.venv/.sketchcomp-installed
+stamp=.venv/.sketchcomp-installed${extra:+-$extra}
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip
-  python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[test]"
+  case "$extra" in test|torch) python -m pip install -q "torch==2.13.0" ;; esac
+  python -m pip install -q -e ".${extra:+[$extra]}"
   touch "$stamp"
 fi
