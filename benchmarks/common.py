@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: timing, and the "bench-sd" U-Net of ../shared/DESIGN.md."""
+"""Shared pieces of the benchmarks: timing, and the "bench-sd" U-Net of docs/architecture.md."""
 from __future__ import annotations
 
 import json

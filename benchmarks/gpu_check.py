@@ -11,7 +11,7 @@ Sections:
   the SD-v1 head dims 40/80/160 (160 only where cuDNN supports it). Tolerance 3e-2 × max|reference|, as
   tests/test_attention.py states for bf16 (8 mantissa bits; the backends round the softmax weights in another
   order). Without a GPU (`--tiny` on CPU) the harness runs `chunked` in place of `cudnn`, at 1e-5 in fp32.
-* `bench`: the bench-sd U-Net (../shared/DESIGN.md; 32×32 latents) train step (fwd+bwd+AdamW, donated) at
+* `bench`: the bench-sd U-Net (docs/architecture.md; 32×32 latents) train step (fwd+bwd+AdamW, donated) at
   batch 2 and 16, and 50-step PLMS sampling with classifier-free guidance at batch 2: fp32 xla, bf16 xla,
   bf16 cudnn. Medians over repeats after warm-up.
 * `full`: the shipped train step (`make_step_fn`: VAE encode, CLIP, U-Net, loss, AdamW) of the full-size model at

@@ -1,7 +1,7 @@
 """Sampling: 50-step PLMS with classifier-free guidance, whole loop in one jitted JAX program vs a PyTorch
 loop (diffusers U-Net + PNDMScheduler(skip_prk_steps=True), eager), same weights, same threads.
 
-Config "bench-sd" (../shared/DESIGN.md): 12-channel SD-v1 topology at width 64, 32×32 latents, batch 2
+Config "bench-sd" (docs/architecture.md): 12-channel SD-v1 topology at width 64, 32×32 latents, batch 2
 (4 U-Net rows per call with CFG), float32. Warm-up (including compilation) excluded; medians over
 repeats. Last line: {"benchmark": "sample_plms", "unit": "s", "ours", "anchor", "anchor_name", "speedup"}.
 

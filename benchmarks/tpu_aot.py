@@ -18,7 +18,7 @@ libtpu: the PyPI package `libtpu` (the version jax's `jax[tpu]` extra pins) live
 site-packages, so that no other tool tries to start a TPU runtime; this script installs it there on first use
 (scripts/install_libtpu.sh) and points jax at it with `TPU_LIBRARY_PATH`, keeping `JAX_PLATFORMS=cpu`.
 
-Prints args/temp/total GiB per chip and FLOPs per chip-step; last line (../shared/DESIGN.md):
+Prints args/temp/total GiB per chip and FLOPs per chip-step; last line (docs/architecture.md):
 {"benchmark": "tpu_aot", "unit": "bytes", "ours": argument+temp bytes per chip, "anchor": the chip's HBM,
 "anchor_name": ..., "speedup": anchor/ours}. A program that does not fit (`RESOURCE_EXHAUSTED` /
 `CompileTimeHbmOom` from the compiler) is a result: `ours` is then the bytes the compiler says it needs, the

@@ -1,5 +1,5 @@
 """Train step: jitted JAX U-Net step (forward + backward + AdamW, donated state) vs the same step in PyTorch
-(diffusers UNet2DConditionModel + torch.optim.AdamW, eager), bench-sd config (../shared/DESIGN.md),
+(diffusers UNet2DConditionModel + torch.optim.AdamW, eager), bench-sd config (docs/architecture.md),
 batch 2, 32×32 latents, 12 input channels, fp32, identical initial weights and batches, same threads.
 
 Both sides run the ε-MSE of the U-Net on precomputed inputs (the frozen VAE/CLIP encoders are left out

@@ -1,6 +1,6 @@
 """U-Net forward: jitted Flax U-Net vs the diffusers PyTorch U-Net (eager; torch.compile as an extra column).
 
-Config "bench-sd" (../shared/DESIGN.md): SD-v1 topology scaled in width — model_channels 64,
+Config "bench-sd" (docs/architecture.md): SD-v1 topology scaled in width — model_channels 64,
 channel_mult [1,2,4,4], 2 res blocks, attention at levels 0-2 + middle, 8 heads, context 768,
 in_channels 12 — at 32×32 latents, batch 2, float32, identical random weights on both sides, the
 same number of threads, warm-up excluded. Prints medians, then one JSON line:
