@@ -20,7 +20,7 @@ Sections:
   Model FLOPs are XLA's count for the same step without remat and with einsum attention (what the model
   needs, not what remat recomputes).
 
-Last line (DESIGN.md): the bench-sd bf16 train step at batch 16, cudnn (ours) against xla (anchor), unit "s".
+Last line (docs/architecture.md): the bench-sd bf16 train step at batch 16, cudnn (ours) against xla (anchor), unit "s".
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def bench_sd_config(tiny: bool):
     if tiny:  # the demo model's U-Net (configs/demo.py)
         return UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                           num_heads=2, context_dim=32)
-    return UNetConfig(model_channels=64)  # bench-sd: SD-v1 topology at width 64 (DESIGN.md)
+    return UNetConfig(model_channels=64)  # bench-sd: SD-v1 topology at width 64 (docs/architecture.md)
 
 
 def unet_params(cfg, size: int):
