@@ -138,7 +138,7 @@ def input_dir(flag: str, path: str | os.PathLike, what: str = "directory") -> pa
         return paths.as_path(path)
     p = pathlib.Path(path).expanduser()
     if not p.exists():
-        raise UsageError(f"--{flag} {p} not found; give an existing {what}")
+        raise UsageError(f"--{flag} {p} is not a directory (not found); give an existing {what}")
     if not p.is_dir():
         raise UsageError(f"--{flag} {p} is a file, not a {what}")
     return p

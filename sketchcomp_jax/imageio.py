@@ -84,7 +84,7 @@ def check_box(box, size: tuple[int, int], what: str = "reference_box") -> tuple[
         raise ValueError(f"{what} ({x0},{y0},{x1},{y1}) is inverted or empty: it needs x0 < x1 and y0 < y1 "
                          "(x0,y0 = top-left, x1,y1 = bottom-right, exclusive)")
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-        raise ValueError(f"{what} ({x0},{y0},{x1},{y1}) reaches outside the {w}x{h} source image; keep "
+        raise ValueError(f"{what} ({x0},{y0},{x1},{y1}) is not inside the {w}x{h} source image; keep "
                          f"0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}")
     return x0, y0, x1, y1
 
@@ -93,10 +93,11 @@ def load_image(source: ImageLike, what: str = "image") -> Image.Image:
     """A PIL image from a path, a PIL image, or an array (H,W) / (H,W,C) uint8, or float in [0, 1].
 
     Raises ValueError/FileNotFoundError naming `what` and the path for missing, corrupt or non-image files,
-    a directory, and sizes outside [MIN_IMAGE_SIDE per side, MAX_IMAGE_PIXELS] (checked before decoding).
+    a directory, and files of a size outside [MIN_IMAGE_SIDE per side, MAX_IMAGE_PIXELS] (checked before
+    decoding). Arrays and PIL images are taken at any size (the app's paint layers; the pipeline checks the
+    source image's size itself).
     """
     if isinstance(source, Image.Image):
-        check_image_size(source.size, what)
         return source
     if isinstance(source, np.ndarray):
         arr = source
@@ -110,7 +111,6 @@ def load_image(source: ImageLike, what: str = "image") -> Image.Image:
             arr = (arr * 255).round().astype(np.uint8)
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
-        check_image_size((arr.shape[1], arr.shape[0]), what)
         return Image.fromarray(arr)
     if not os.fspath(source).strip():
         raise ValueError(f"{what}: the path is empty; give an image file")

@@ -109,6 +109,7 @@ class SketchCompositionPipeline:
         cfg = self.config
         size = (cfg.resolution, cfg.resolution)
         src = imageio.to_rgb(imageio.load_image(image, "image"))
+        imageio.check_image_size(src.size, "image")  # also for arrays: a 1×1 source would give a 1×1 result
         image_arr = imageio.to_unit_range(src.resize(size, Image.BICUBIC))
         mask_img = imageio.load_image(mask, "mask")
         _warn_if_resized(mask_img, src, "mask")
