@@ -39,8 +39,13 @@ def main(argv):
         return C.report("train.py", f"--config: {C.first_and_last_line(e)}")
     except C.UsageError as e:
         return C.report("train.py", e)
+    from sketchcomp_jax.parallel.mesh import initialize_distributed
+    from sketchcomp_jax.platform_check import report_backend
     from sketchcomp_jax.train.loop import TrainingDiverged, train
 
+    d = cfg.distributed  # jax.distributed first: the backend report initialises JAX's backend
+    initialize_distributed(d.coordinator or None, d.num_processes or None, None if d.process_id < 0 else d.process_id)
+    report_backend("train.py")  # backend + device kind; warns when a TPU/GPU host runs jax on the CPU
     try:
         summary = train(cfg, FLAGS.workdir)
     except TrainingDiverged as e:

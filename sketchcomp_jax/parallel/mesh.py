@@ -78,6 +78,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     arguments). Elsewhere pass `coordinator` (host:port of process 0), `num_processes`, `process_id`.
     Single-process runs with no flags and no cluster environment skip initialisation.
     """
+    if jax.distributed.is_initialized():  # launch/train.py initialises before reporting the backend
+        return
     explicit = coordinator is not None
     cluster = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS",
                                                "JAX_COORDINATOR_ADDRESS"))
