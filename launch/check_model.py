@@ -27,10 +27,21 @@ flags.DEFINE_float("rel_tol", 1e-4, "Allowed max |ours − golden| / max |golden
 def main(argv):
     del argv
     configure_cli_logging(FLAGS.library_logs)
+    from sketchcomp_jax import cli_checks as C
+
+    try:
+        C.number("rel_tol", FLAGS.rel_tol, lo=0.0)
+        C.input_dir("model", FLAGS.model, "model directory")
+        C.input_dir("fixtures", FLAGS.fixtures, "fixtures folder")
+    except C.UsageError as e:
+        return C.report("check_model.py", e)
     from sketchcomp_jax.weights.golden import compare_with_goldens
     from sketchcomp_jax.weights.model_dir import load_model
 
-    model = load_model(FLAGS.model)
+    try:
+        model = load_model(FLAGS.model)
+    except (FileNotFoundError, ValueError) as e:
+        return C.report("check_model.py", e)
     results = compare_with_goldens(model, FLAGS.fixtures)
     worst = 0.0
     for name, (abs_err, rel_err) in results.items():
