@@ -35,8 +35,9 @@ def main(argv):
         cfg.get("total_steps")  # a config file that failed to load raises here
         C.output_dir("workdir", FLAGS.workdir)
         check_train_config(cfg, FLAGS.workdir)
-    except OSError as e:
-        return C.report("train.py", f"--config: {C.first_and_last_line(e)}")
+    except OSError as e:  # ml_collections' message lists every path it tried; the last line says why
+        why = str(e).strip().splitlines()[-1].strip()
+        return C.report("train.py", f"--config {FLAGS['config'].config_filename}: cannot load it ({why})")
     except C.UsageError as e:
         return C.report("train.py", e)
     from sketchcomp_jax.parallel.mesh import initialize_distributed

@@ -219,7 +219,8 @@ def _describe_non_npy(head: bytes) -> str:
     except UnicodeDecodeError:
         return f"not a .npy file (it starts with {head[:8]!r}); save the array with numpy.save"
     if all(c.isprintable() or c.isspace() for c in text):
-        return f"a text file (it starts with {text[:24].strip()!r}), not a .npy array; save the array with numpy.save"
+        first = (text.strip().splitlines() or [""])[0][:24]
+        return f"a text file (it starts with {first!r}), not a .npy array; save the array with numpy.save"
     return f"not a .npy file (it starts with {head[:8]!r}); save the array with numpy.save"
 
 
@@ -227,7 +228,7 @@ def load_npy(flag: str, path: str | os.PathLike):
     """A numeric, all-finite array from a `.npy` file, or a `UsageError` saying what the file is instead."""
     import numpy as np
 
-    p = input_file(flag, path, "a .npy file")
+    p = input_file(flag, path, ".npy file")
     with open(p, "rb") as f:
         head = f.read(64)
     if not head.startswith(_NPY_MAGIC):

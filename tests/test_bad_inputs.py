@@ -157,7 +157,7 @@ CASES = [
     Case("train-override-unknown-key", "train", train("--config.optim.learning_rate=1e-4"),
          r"bad flag --config\.optim\.learning_rate: the config has no such key"),
     Case("train-config-missing", "train", ("--config={ws}/no_config.py", "--workdir={ws}/run"),
-         r"--config: .*No such file or directory: .*no_config\.py"),
+         r"--config .*no_config\.py: cannot load it \(\[Errno 2\] No such file or directory"),
     Case("train-config-variant", "train", train(config="configs/demo.py:nonsense"), r"unknown config variant 'nonsense'"),
     Case("train-lr-nan", "train", train("--config.optim.lr=nan"), r"--config\.optim\.lr=nan is not a finite"),
     Case("train-steps-zero", "train", train("--config.total_steps=0"), r"--config\.total_steps=0 is out of range"),
