@@ -276,6 +276,20 @@ def test_api_warns_when_it_stretches_a_mask(pipe, e2e, caplog):
     assert "mask is 32x32 but the image is 64x64" in caplog.text
 
 
+def test_api_refuses_what_the_cli_refuses(pipe, e2e, tmp_path):
+    """The same limits through the Python API: a 1×1 source array, a bomb-sized file (refused from its header,
+    without decoding 196 MP), a directory given as an image, an inverted box."""
+    with pytest.raises(ValueError, match="1x1; each side must be at least 8"):
+        pipe.preprocess(np.zeros((1, 1, 3), np.uint8), e2e / "mask.png", None, e2e / "reference.png")
+    Image.new("1", (14000, 14000)).save(tmp_path / "huge.png")
+    with pytest.raises(ValueError, match="196.0 megapixels, above the limit"):
+        pipe.preprocess(tmp_path / "huge.png", e2e / "mask.png", None, e2e / "reference.png")
+    with pytest.raises(ValueError, match="is a directory, not an image file"):
+        pipe.preprocess(e2e / "image.png", e2e / "mask.png", None, tmp_path)
+    with pytest.raises(ValueError, match="inverted or empty"):
+        pipe.preprocess(e2e / "image.png", e2e / "mask.png", None, None, reference_box=(30, 5, 10, 40))
+
+
 # ------------------------------------------------------------------ scripts/setup_venv.sh
 
 
