@@ -42,7 +42,8 @@ def main(argv):
     from sketchcomp_jax import cli_checks as C
 
     try:  # before any weights are read
-        src = C.input_file("src", FLAGS.src, "checkpoint file") if not os.path.isdir(FLAGS.src or "") else FLAGS.src
+        if not os.path.isdir(FLAGS.src):  # a folder is a diffusers pipeline, checked by the reader
+            C.input_file("src", FLAGS.src, "checkpoint file")
         for flag in ("ldm_config", "clip_config"):
             if FLAGS[flag].value is not None:
                 C.input_file(flag, FLAGS[flag].value)
@@ -57,7 +58,6 @@ def main(argv):
             raise C.UsageError(f"--out {FLAGS.out} exists and is not empty; choose another --out or pass --overwrite")
     except C.UsageError as e:
         return C.report("convert.py", e)
-    del src
     from sketchcomp_jax.models.unet import count_params
     from sketchcomp_jax.weights.errors import CheckpointError
     from sketchcomp_jax.weights.model_dir import save_model_dir

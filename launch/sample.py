@@ -118,8 +118,8 @@ def _check_noise_shape(model, shape: tuple[int, ...], num_samples: int) -> None:
             f"{expected[2]}) with N = 1 or --num_samples={num_samples} (the PyTorch original's layout)")
 
 
-def _save_all(images: dict[str, "Image.Image"]) -> None:
-    """Writes every picture to a hidden temporary sibling first and renames them into place only when all
+def _save_all(images: dict) -> None:
+    """Writes every picture ({path: PIL image}) to a hidden temporary sibling first and renames them into place only when all
     are written: an interrupted or failed run leaves none of the outputs half-written."""
     tmps = []
     try:

@@ -60,10 +60,11 @@ def _flags_parser(prog: str):
             why = first_and_last_line(e)
             dotted = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=")[0]]
             quoted = re.findall(r"'([^']+)'", why)
-            bad = next((a for a in dotted if quoted and a.endswith("." + quoted[0])), dotted[0] if len(dotted) == 1 else "")
+            named = [a for a in dotted if quoted and a.endswith("." + quoted[0])]  # the override with that key
+            bad = named[0] if named else (dotted[0] if len(dotted) == 1 else "value")
             if isinstance(e, (KeyError, AttributeError)):
                 why = f"the config has no such key ({why.strip(chr(34))}); check the name in the config file"
-            sys.exit(report(prog, f"bad flag {bad or 'value'}: {why}"))
+            sys.exit(report(prog, f"bad flag {bad}: {why}"))
 
     return parse
 
@@ -169,7 +170,10 @@ def output_file(flag: str, path: str | os.PathLike, *, overwrite: bool = False,
         raise UsageError(f"--{flag} {p} is a directory; give a file path in it")
     if extensions is not None and p.suffix.lower() not in extensions:
         known = sorted(set(extensions))
-        hint = ", ".join(known) if len(known) <= 6 else ", ".join(e for e in (".png", ".jpg", ".webp") if e in known) + " or another format Pillow writes"
+        if len(known) <= 6:
+            hint = ", ".join(known)
+        else:  # e.g. every format Pillow writes: name the common ones
+            hint = ", ".join(e for e in (".png", ".jpg", ".webp") if e in known) + " or another format Pillow writes"
         raise UsageError(f"--{flag} {p}: unknown file extension {p.suffix or '(none)'!r}; use {hint}")
     if p.exists():
         if not overwrite:
