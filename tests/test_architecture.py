@@ -4,6 +4,7 @@ Static (the `ast` of every module under sketchcomp_jax/), except the last test, 
 worker's module in a fresh process.
 """
 import ast
+import functools
 import pathlib
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def _modules() -> dict[str, pathlib.Path]:
 MODULES = _modules()
 
 
+@functools.lru_cache(maxsize=None)
 def _imports(path: pathlib.Path, module_level_only: bool) -> list[tuple[str, bool]]:
     """(imported module name, at module level?) for every import statement in `path`."""
     tree = ast.parse(path.read_text())
