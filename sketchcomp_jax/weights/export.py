@@ -157,8 +157,8 @@ def _require_torch():
         import torch
     except ImportError:
         raise ExportError(
-            "--format ldm writes a PyTorch .ckpt and needs torch, which is not installed: `pip install torch` "
-            "(CPU wheel: pip install torch --index-url https://download.pytorch.org/whl/cpu), or use "
+            "--format ldm writes a PyTorch .ckpt and needs torch, which is not installed: `pip install -e '.[torch]'` "
+            "(or the CPU wheel alone: pip install torch --index-url https://download.pytorch.org/whl/cpu), or use "
             "--format safetensors, which needs no torch"
         ) from None
     return torch
