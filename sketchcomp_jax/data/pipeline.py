@@ -14,7 +14,7 @@ resized edges as in the original; ``sketch`` (B,R,R,3) in [-1, 1], the full sket
 ``reference`` (B,S,S,3) CLIP-normalised; ``tags`` (list of str, Danbooru spaces → commas as the
 original) when the dataset has tags. All float32, NHWC.
 
-This module imports no JAX at import time (grain worker processes import it).
+Grain worker processes import this module: it loads no flax, no network and no torch (tests/test_architecture.py).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Follows ``ldm/data/danbooru.py`` of Paint-by-Sketch (the same as Paint-by-Example's ``open-images.py``; SPEC
 §2.3, §3.5-3.6): RoI, reference crop + augmentation (:mod:`sketchcomp_jax.data.image_ops`), extended box,
 Bézier or rectangle mask, zoomed square crop, no-antialias bilinear resize; see :func:`make_sample` and
-docs/data_pipeline.md. Pure numpy / PIL / OpenCV, no JAX (grain worker processes import it).
+docs/data_pipeline.md. Pure numpy / PIL / OpenCV (grain worker processes import it; no flax, no networks).
 
 Output arrays are float32 NHWC-per-sample: ``gt`` (R,R,3) in [-1, 1]; ``keep_mask`` (R,R,1), 1 = keep;
 ``sketch`` (R,R,3) in [-1, 1], white lines = +1; ``reference`` (S,S,3) CLIP-normalised.
