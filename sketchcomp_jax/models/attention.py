@@ -38,14 +38,17 @@ BACKENDS = ("auto", "xla", "chunked", "splash", "cudnn")
 # tokens 256 KiB per head and image) and padding to 128-lane blocks plus the kernel's fixed cost lose;
 # at 1024 tokens 16 images x 8 heads of fp32 logits are already 512 MiB per layer, kept for backward.
 TPU_SPLASH_MIN_TOKENS = 1024
-# CPU: chunked from this many query tokens up; measured on the bench-sd head sizes (docs/attention.md).
-CPU_CHUNKED_MIN_TOKENS = 2048
-# `chunked`: query rows per chunk are the largest power of two (>= 64) whose fp32 logits (B, H, rows, Tk)
-# fit this many bytes. On CPU the slab should stay in the last-level cache (32 MiB here): 16 MiB made
-# 4096-token attention ~3x faster than 64-128 MiB slabs (docs/attention.md). Elsewhere it only bounds memory.
-CHUNK_BYTES = {"cpu": 16 * 2**20}
+# CPU: chunked from this many query tokens up; measured on the bench-sd head sizes (docs/attention.md):
+# at 256 and 1024 tokens small query blocks are 3-4x faster than one (B, H, T, T) fusion, at 64 equal.
+CPU_CHUNKED_MIN_TOKENS = 256
+# `chunked`: query rows per chunk are the largest power of two (>= the platform's minimum) whose fp32 logits
+# (B, H, rows, Tk) fit this many bytes. On CPU a 2 MiB slab stays in cache: at 1024 tokens 32-row blocks
+# beat 256-row (16 MiB) blocks by ~2x, and at 4096 tokens 16 MiB beat 64-128 MiB ~3x (docs/attention.md).
+# Elsewhere it only bounds memory.
+CHUNK_BYTES = {"cpu": 2 * 2**20}
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 QUERY_CHUNK: int | None = None  # a fixed number of query rows per chunk instead (tests)
+MIN_QUERY_CHUNKS = {"cpu": 32}
 MIN_QUERY_CHUNK = 64
 SPLASH_LANES = 128  # the kernel's lane width: head dims and sequence blocks are multiples of it
 
@@ -179,7 +182,7 @@ def query_chunk(batch: int, heads: int, t_k: int, platform: str) -> int:
     if QUERY_CHUNK:
         return QUERY_CHUNK
     rows = CHUNK_BYTES.get(platform, DEFAULT_CHUNK_BYTES) // (4 * batch * heads * t_k)
-    return max(MIN_QUERY_CHUNK, 2 ** int(math.log2(max(rows, 1))))
+    return max(MIN_QUERY_CHUNKS.get(platform, MIN_QUERY_CHUNK), 2 ** int(math.log2(max(rows, 1))))
 
 
 def chunked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, scale: float, causal: bool = False,
