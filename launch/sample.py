@@ -2,6 +2,9 @@
 
     python launch/sample.py --model runs/demo_model --image img.png --mask mask.png --sketch sketch.png \
         --reference ref.png --out out.png [--sampler plms --steps 50 --guidance_scale 5 --sketch_drop_after 1.0]
+
+The model (a model directory, or a training work directory with --step/--weights) is opened with
+`SketchCompositionPipeline.from_pretrained`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (def
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model directory (launch/convert.py output) or training work directory.",
                     required=True)
+flags.DEFINE_integer("step", None, "Checkpoint step of a training work directory (default: the latest).")
+flags.DEFINE_enum("weights", None, ["raw", "ema"],
+                  "U-Net weights: raw or the EMA copy of a training run (default: raw; a model directory holds one set).")
 flags.DEFINE_string("image", None, "Source image (any size/mode).", required=True)
 flags.DEFINE_string("mask", None, "Mask image: white = region to fill.", required=True)
 flags.DEFINE_string("sketch", None, "Sketch image: white strokes on black (black-on-white is inverted).")
@@ -63,6 +69,7 @@ def check_flags() -> dict:
     C.number("eta", FLAGS.eta, lo=0.0)
     C.number("num_samples", FLAGS.num_samples, lo=1)
     C.number("self_reference_iterations", FLAGS.self_reference_iterations, lo=0)
+    C.number("step", FLAGS.step, lo=0, allow_none=True)
     box = C.parse_box("reference_box", FLAGS.reference_box) if FLAGS.reference_box else None
     if FLAGS.reference is None and box is None and FLAGS.prompt is None:
         raise C.UsageError("give --reference or --reference_box (or --prompt for a text-conditioned model)")
@@ -71,6 +78,9 @@ def check_flags() -> dict:
     if not paths.is_remote(model) and not ((model / "config.json").is_file() or (model / "model_config.json").is_file()):
         raise C.UsageError(f"--model {model} is neither a model directory (config.json + params/, from "
                            "launch/convert.py) nor a training work directory (from launch/train.py)")
+    if FLAGS.step is not None and not paths.is_remote(model) and (model / "config.json").is_file():
+        raise C.UsageError(f"--step only applies to a training work directory; --model {model} is a model directory "
+                           "(one set of weights): drop --step")
     try:
         size = imageio.image_size(FLAGS.image, "--image")
         for flag in ("mask", "sketch"):  # refused, not stretched: a mask drawn for another size is misplaced
@@ -154,7 +164,8 @@ def main(argv):
     try:
         with tqdm(total=3, desc="sample", unit="stage") as bar:
             bar.set_postfix_str("loading model")
-            pipe = SketchCompositionPipeline.from_pretrained(FLAGS.model, attention=FLAGS.attention)
+            pipe = SketchCompositionPipeline.from_pretrained(FLAGS.model, step=FLAGS.step, weights=FLAGS.weights,
+                                                             attention=FLAGS.attention)
             bar.update()
             bar.set_postfix_str(f"{FLAGS.sampler} × {FLAGS.steps} steps (first call compiles)")
             result = pipe(

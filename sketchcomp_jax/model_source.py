@@ -1,15 +1,20 @@
-"""One entry point for "the model" in user-facing tools: a model directory *or* a training work directory.
+"""The one loader under `SketchCompositionPipeline.from_pretrained`: a model path → config + parameters.
 
-The notebook and the web UI take a single path. It may be
+A path may be
 
 * a **model directory** (`launch/convert.py` output, or `workdir_to_model_dir` below): `DIR/config.json`
-  + `DIR/params/`;
+  + `DIR/params/`; it holds one set of U-Net weights (the raw or EMA copy chosen when it was made);
 * a **training work directory** (`launch/train.py --workdir W`): `W/model_config.json` + `W/checkpoints/<step>/`.
-  The latest step is used unless `step` is given; the raw (not EMA) weights unless `use_ema=True`
-  (the EMA of a short run is still close to its initialisation).
+  The latest step is used unless `step` is given; the raw U-Net unless `weights="ema"` (the EMA of a short run
+  is still close to its initialisation). Only the parameters are read, never the optimizer state.
+
+Sampling (`launch/sample.py`), the web UI, the notebook and evaluation all open a model with
+`SketchCompositionPipeline.from_pretrained`, which calls `load_model_source`; this module never imports the
+pipeline (the pipeline imports it).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -20,11 +25,13 @@ from sketchcomp_jax.paths import absolute, as_path, expand
 
 log = logging.getLogger(__name__)
 
+WEIGHTS = ("raw", "ema")  # which U-Net weights of a training run: the trained ones or their EMA copy
+
 
 class ModelSource(NamedTuple):
     config: ModelConfig
-    params: dict[str, Any]
-    description: str  # e.g. "model directory runs/m" or "training run runs/demo, step 300"
+    params: dict[str, Any]  # {'unet', 'vae', 'conditioner'}
+    description: str  # e.g. "model directory runs/m" or "training run runs/demo, step 300 (weights)"
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -46,19 +53,49 @@ def _not_a_model(path: pathlib.Path) -> ValueError:
     )
 
 
-def load_model_source(path: str | os.PathLike, step: int | None = None, use_ema: bool = False,
+def model_dir_weights(path: str | os.PathLike) -> str | None:
+    """Which U-Net weights ('raw' or 'ema') a model directory holds, as its config.json records them
+    (`launch/convert.py` and `workdir_to_model_dir` write the record); None when it does not say."""
+    try:
+        record = json.loads((as_path(path) / "config.json").read_text()).get("weights") or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable config.json is reported when the model is loaded
+    held = record.get("unet_weights") if isinstance(record, dict) else None
+    return held if held in WEIGHTS else None
+
+
+def _check_model_dir_choice(p, step: int | None, weights: str | None) -> None:
+    if step is not None:
+        raise ValueError(f"{p} is a model directory (one set of weights): a step only applies to a training work "
+                         "directory; drop the step")
+    if weights is None:
+        return
+    held = model_dir_weights(p)
+    if held is None:
+        raise ValueError(f"{p} is a model directory that does not record whether it holds raw or EMA U-Net weights; "
+                         "drop the weights choice (it holds one set)")
+    if held != weights:
+        raise ValueError(
+            f"{p} is a model directory holding the {held} U-Net weights, not the {weights} ones; drop the weights "
+            f"choice, or make a model directory with the {weights} weights (launch/convert.py --weights {weights}, "
+            "or a training work directory)")
+
+
+def load_model_source(path: str | os.PathLike, step: int | None = None, weights: str | None = None,
                       sharding: Any = None) -> ModelSource:
     """(ModelConfig, params, description) from a model directory or a training work directory.
 
-    A training run's checkpoint is read parameters-only (`train/param_restore.py`): the U-Net, VAE and
-    conditioner (the EMA U-Net instead of the raw one with `use_ema`), never the optimizer state.
-    `sharding` (a `jax.sharding.Sharding`, e.g. replicated over a mesh) lays every leaf out on the devices
-    the caller runs on; None gives host numpy arrays for a training run and the first local device for a
-    model directory (as `weights.model_dir.load_model`).
+    `weights`: "raw" or "ema" (None: a run's raw weights, or the one set a model directory holds). A training
+    run's checkpoint is read parameters-only (`train/param_restore.py`): the U-Net (its EMA copy instead with
+    "ema"), VAE and conditioner, never the optimizer state. `sharding` (a `jax.sharding.Sharding`, e.g.
+    replicated over a mesh) lays every leaf out on the devices the caller runs on; None gives host numpy
+    arrays for a training run and the first local device for a model directory.
 
-    Raises FileNotFoundError for a missing path, ValueError for a folder that is neither kind, for a run
-    without checkpoints or the asked step, or for `step`/`use_ema` given with a model directory.
+    Raises FileNotFoundError for a missing path, ValueError for a folder that is neither kind, a run without
+    checkpoints or the asked step, a `step` given with a model directory, or weights it does not hold.
     """
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
     p = expand(path)  # local or gs://
     if not p.exists():
         raise FileNotFoundError(
@@ -66,8 +103,7 @@ def load_model_source(path: str | os.PathLike, step: int | None = None, use_ema:
             "directory (launch/train.py --workdir)"
         )
     if is_model_dir(p):
-        if step is not None or use_ema:
-            raise ValueError(f"{p} is a model directory: step/use_ema only apply to a training work directory")
+        _check_model_dir_choice(p, step, weights)
         from sketchcomp_jax.weights.model_dir import load_config, load_model
 
         shardings = None
@@ -87,6 +123,7 @@ def load_model_source(path: str | os.PathLike, step: int | None = None, use_ema:
             raise ValueError(f"training run {p} has no checkpoints yet ({p / 'checkpoints'} holds no step)")
         if step is not None and step not in steps:
             raise ValueError(f"step {step} not found in {p / 'checkpoints'}; available steps: {steps}")
+        use_ema = weights == "ema"
         config, params, _, global_step = load_training_params(
             p, steps[-1] if step is None else step, ema="use" if use_ema else "none", sharding=sharding)
         kind = "EMA weights" if use_ema else "weights"
@@ -104,31 +141,20 @@ def require_reference_model(config: ModelConfig, description: str) -> None:
     if is_text_conditioned(config):
         raise ValueError(
             f"{description} is the text-conditioned baseline (a prompt instead of a reference image); the "
-            "notebook and the web UI need a reference-conditioned model (Paint-by-Example / Paint-by-Sketch)"
+            "notebook and the web UI need a reference-conditioned model (Paint-by-Example / Paint-by-Sketch); "
+            "sample it with launch/sample.py --prompt"
         )
-
-
-def open_pipeline(path: str | os.PathLike, step: int | None = None, use_ema: bool = False):
-    """A ready `SketchCompositionPipeline` from a model directory or a training work directory."""
-    from sketchcomp_jax.pipeline import SketchCompositionPipeline, load_tokenizer
-
-    config, params, description = load_model_source(path, step, use_ema)
-    log.info("loaded %s", description)
-    if is_text_conditioned(config) and (not is_model_dir(path) or step is not None or use_ema):
-        # The text baseline also needs its tokenizer, which a model directory keeps beside the weights.
-        raise ValueError(f"{description}: a text-conditioned model opens from a model directory only "
-                         "(export the run with `workdir_to_model_dir` first)")
-    return SketchCompositionPipeline(config, params, tokenizer=load_tokenizer(path, config))
 
 
 def workdir_to_model_dir(
     workdir: str | os.PathLike,
     out: str | os.PathLike,
     step: int | None = None,
-    use_ema: bool = False,
+    weights: str | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
-    """Saves a training run's weights as a model directory (what `launch/sample.py --model` reads)."""
+    """Saves a training run's weights (`weights`: "raw", the default, or "ema") as a model directory (what
+    `launch/sample.py --model` reads); its config.json records which U-Net weights it holds."""
     from sketchcomp_jax.weights.model_dir import model_tokenizer_dir, save_model_dir
 
     if not is_training_workdir(workdir):
@@ -136,8 +162,9 @@ def workdir_to_model_dir(
             f"{workdir} is not a training work directory (expected model_config.json and checkpoints/ written "
             "by launch/train.py)"
         )
-    config, params, description = load_model_source(workdir, step, use_ema)
-    source = {"format": "training-workdir", "path": os.fspath(absolute(workdir)), "description": description}
+    config, params, description = load_model_source(workdir, step, weights)
+    source = {"format": "training-workdir", "path": os.fspath(absolute(workdir)), "description": description,
+              "weights": {"unet_weights": weights or "raw", "reason": f"the {description}"}}
     # A text-conditioned run keeps its tokenizer in the work directory; the model directory gets a copy.
     return save_model_dir(out, config, params, source, overwrite=overwrite,
                           tokenizer_dir=model_tokenizer_dir(workdir, config))

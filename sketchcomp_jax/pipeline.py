@@ -13,7 +13,6 @@ truncation to uint8, and a resize back to the input size. R is the model's `reso
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ from sketchcomp_jax import imageio
 from sketchcomp_jax.diffusion.inputs import latent_conditioning
 from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
 from sketchcomp_jax.diffusion.schedule import schedule_for
+from sketchcomp_jax.model_source import load_model_source
 from sketchcomp_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
 from sketchcomp_jax.models.config import ModelConfig, build_networks
 from sketchcomp_jax.models.vae import AutoencoderKL, DiagonalGaussian
@@ -55,8 +55,8 @@ class CompositionResult:
 
 
 def load_tokenizer(model_dir: str | os.PathLike, config: ModelConfig):
-    """The CLIP tokenizer a text-conditioned model (the Paint-by-T+S baseline) keeps beside its weights; None
-    for a reference-conditioned model."""
+    """The CLIP tokenizer a text-conditioned model (the Paint-by-T+S baseline) keeps beside its weights (in a
+    model directory or a training work directory: `tokenizer/`); None for a reference-conditioned model."""
     if config.conditioning != "text":
         return None
     from sketchcomp_jax.models.clip_tokenizer import CLIPTokenizer
@@ -66,14 +66,20 @@ def load_tokenizer(model_dir: str | os.PathLike, config: ModelConfig):
 
 
 class SketchCompositionPipeline:
-    """Load once, call many times. Compiled programs are cached per (sampler, steps, drop step, batch)."""
+    """Load once, call many times. Compiled programs are cached per (sampler, steps, drop step, batch).
+
+    Open a model with `from_pretrained(path, ...)` (a model directory or a training work directory); the
+    constructor takes a config and parameters already in memory (tests, code that holds them already)."""
 
     def __init__(self, config: ModelConfig, params: dict[str, Any], dtype: Any = jnp.float32,
-                 tokenizer: Any = None):
+                 tokenizer: Any = None, description: str = "parameters given in memory"):
         if config.conditioning == "text" and tokenizer is None:
             raise ValueError("a text-conditioned model (the Paint-by-T+S baseline) needs its CLIP tokenizer")
         self.config = config
         self.tokenizer = tokenizer
+        self.description = description  # where the parameters came from (shown by the app, logged by tools)
+        # Arrays already on devices (e.g. replicated over a mesh by `from_pretrained(sharding=...)`) stay where
+        # they are; host arrays go to the default device.
         self.params = jax.device_put(params)
         self.nets = build_networks(config, dtype=dtype)
         self.alphas_cumprod = schedule_for(config.schedule)["alphas_cumprod"]
@@ -86,16 +92,22 @@ class SketchCompositionPipeline:
         self._samplers: dict[tuple, Any] = {}
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, dtype: Any = jnp.float32,
-                        attention: str | None = None) -> "SketchCompositionPipeline":
-        """From a model directory or a training work directory (its latest checkpoint); `attention`
-        overrides the config's attention backend."""
-        from sketchcomp_jax.model_source import load_model_source
+    def from_pretrained(cls, path: str | os.PathLike, step: int | None = None, weights: str | None = None,
+                        dtype: Any = jnp.float32, attention: str | None = None,
+                        sharding: Any = None) -> "SketchCompositionPipeline":
+        """The one way to open a model: a model directory (`launch/convert.py`) or a training work directory
+        (`launch/train.py --workdir`; reference- or text-conditioned), local or `gs://`.
 
-        config, params, _ = load_model_source(model_dir)
-        if attention:
-            config = config.replace(attention=attention)
-        return cls(config, params, dtype, load_tokenizer(model_dir, config))
+        `step`: a training run's checkpoint step (default: the latest). `weights`: "raw" or "ema" (default: a
+        run's raw U-Net, or the one set a model directory holds). Only the parameters are read (U-Net, VAE,
+        conditioner), never the optimizer state (`model_source.load_model_source`). `dtype`: compute dtype
+        (parameters stay float32). `attention` overrides the config's attention backend. `sharding`: a
+        `jax.sharding.Sharding` for every parameter (e.g. replicated over the mesh evaluation generates on);
+        None puts them on the default device. A text-conditioned model also gets its CLIP tokenizer."""
+        source = load_model_source(path, step, weights, sharding)
+        log.info("loaded %s", source.description)
+        config = source.config.replace(attention=attention) if attention else source.config
+        return cls(config, source.params, dtype, load_tokenizer(path, config), source.description)
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(
@@ -298,7 +310,3 @@ def paste_into_source(generated: Image.Image, source: Image.Image, keep_mask: np
     mixed = np.asarray(generated, np.float32) * alpha + np.asarray(source, np.float32) * (1 - alpha)
     return Image.fromarray(np.clip(mixed + 0.5, 0, 255).astype(np.uint8))
 
-
-@functools.lru_cache(maxsize=4)
-def cached_pipeline(model_dir: str) -> SketchCompositionPipeline:
-    return SketchCompositionPipeline.from_pretrained(model_dir)

@@ -113,9 +113,9 @@ def test_editor_inputs_splits_the_layers():
 # ---------------------------------------------------------------------------------------------- generate
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):
-    from sketchcomp_jax.model_source import open_pipeline
+    from sketchcomp_jax.pipeline import SketchCompositionPipeline
 
-    return open_pipeline(tiny_model_dir)
+    return SketchCompositionPipeline.from_pretrained(tiny_model_dir)  # as launch/app.py opens it
 
 
 def test_generate_matches_the_pipeline_on_the_same_inputs(pipe):

@@ -16,8 +16,8 @@ MAX_LINES = 600
 CORE = ("models", "ops", "diffusion")
 CORE_MAY_NOT_IMPORT = ("data", "weights", "train", "eval", "app", "pipeline", "generation", "model_source")
 HEAVY_PYTORCH_SIDE = ("torch", "diffusers", "transformers", "gradio", "playwright")
-# Lazy (function-level) cycles that are known and tracked: issue 16 item 3 (one `from_pretrained`) removes it.
-KNOWN_LAZY_CYCLES = [{"sketchcomp_jax.model_source", "sketchcomp_jax.pipeline"}]
+# Lazy (function-level) cycles that are known and tracked (none: `pipeline` imports `model_source`, not the reverse).
+KNOWN_LAZY_CYCLES: list[set[str]] = []
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -80,12 +80,13 @@ def test_text_baseline_samples_and_evaluates(text_run, data_dir, tmp_path):
 
 def test_text_run_becomes_a_model_directory_with_its_tokenizer(text_run, tmp_path):
     """`workdir_to_model_dir` (what the notebook/UI error tells text-baseline users to run) keeps the tokenizer."""
-    from sketchcomp_jax.model_source import open_pipeline, workdir_to_model_dir
+    from sketchcomp_jax.model_source import workdir_to_model_dir
+    from sketchcomp_jax.pipeline import SketchCompositionPipeline
 
     workdir, _ = text_run
     out = workdir_to_model_dir(workdir, tmp_path / "ts_model")
     assert (out / "tokenizer" / "vocab.json").read_bytes() == (workdir / "tokenizer" / "vocab.json").read_bytes()
-    pipe = open_pipeline(out)
+    pipe = SketchCompositionPipeline.from_pretrained(out)
     assert pipe.config.conditioning == "text" and pipe.tokenizer("cat").shape == (1, 77)
 
 

@@ -1,4 +1,5 @@
-"""`sketchcomp_jax.model_source`: one path → a pipeline, for a model directory or a training work directory.
+"""`SketchCompositionPipeline.from_pretrained` and the loader under it (`sketchcomp_jax.model_source`): one path → a
+pipeline, for a model directory or a training work directory, parameters only.
 
 The training work directory is written with the trainer's own pieces (`create_train_state`, the Orbax
 `Checkpointer`, `model_config.json`) around the tiny fixture model, so it has exactly the layout
@@ -11,8 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from sketchcomp_jax.model_source import (is_model_dir, is_training_workdir, load_model_source, open_pipeline,
-                                         workdir_to_model_dir)
+from sketchcomp_jax.model_source import is_model_dir, is_training_workdir, load_model_source, workdir_to_model_dir
+from sketchcomp_jax.pipeline import SketchCompositionPipeline
+
+from tests.conftest import REPO_ROOT
 
 STEP = 7
 
@@ -59,20 +62,20 @@ def test_training_workdir_gives_the_trained_weights(tiny_model, workdir):
     assert config.to_dict() == tiny_model[0].to_dict()
     assert_same_tree(loaded, params)
     assert f"step {STEP}" in description and "EMA" not in description
-    _, ema_params, ema_description = load_model_source(workdir, use_ema=True)
+    _, ema_params, ema_description = load_model_source(workdir, weights="ema")
     assert "EMA" in ema_description
     assert_same_tree(ema_params["unet"], jax.tree_util.tree_map(lambda x: np.asarray(x) * 0.5, params["unet"]))
     assert_same_tree(ema_params["vae"], params["vae"])
 
 
-def test_open_pipeline_from_either_kind(tiny_model, tiny_model_dir, workdir):
-    from sketchcomp_jax.pipeline import SketchCompositionPipeline
-
+def test_from_pretrained_opens_either_kind(tiny_model, tiny_model_dir, workdir):
     for path in (tiny_model_dir, workdir):
-        pipe = open_pipeline(path)
-        assert isinstance(pipe, SketchCompositionPipeline)
+        pipe = SketchCompositionPipeline.from_pretrained(path)
         assert pipe.config.to_dict() == tiny_model[0].to_dict()
-        assert_same_tree(pipe.params, tiny_model[1])
+        assert_same_tree(pipe.params, tiny_model[1])  # bit-identical to `load_model` of the model directory
+    assert pipe.description.startswith("training run") and f"step {STEP}" in pipe.description
+    chunked = SketchCompositionPipeline.from_pretrained(tiny_model_dir, attention="chunked", dtype=jnp.bfloat16)
+    assert chunked.config.attention == "chunked" and chunked.nets.unet.dtype == jnp.bfloat16
 
 
 def test_workdir_to_model_dir_round_trip(tiny_model, workdir, tmp_path):
@@ -85,6 +88,13 @@ def test_workdir_to_model_dir_round_trip(tiny_model, workdir, tmp_path):
     assert source["format"] == "training-workdir" and f"step {STEP}" in source["description"]
     with pytest.raises(FileExistsError):
         workdir_to_model_dir(workdir, out)
+    # The EMA weights as a model directory: its config.json says so, and asking it for either set is checked.
+    ema_dir = workdir_to_model_dir(workdir, tmp_path / "exported_ema", step=STEP, weights="ema")
+    assert json.loads((ema_dir / "config.json").read_text())["weights"]["unet_weights"] == "ema"
+    pipe = SketchCompositionPipeline.from_pretrained(ema_dir, weights="ema")
+    assert_same_tree(pipe.params["unet"], jax.tree_util.tree_map(lambda x: np.asarray(x) * 0.5, tiny_model[1]["unet"]))
+    with pytest.raises(ValueError, match="holding the ema U-Net weights, not the raw ones"):
+        SketchCompositionPipeline.from_pretrained(ema_dir, weights="raw")
 
 
 def test_clear_errors(tiny_model_dir, tmp_path):
@@ -92,8 +102,14 @@ def test_clear_errors(tiny_model_dir, tmp_path):
         load_model_source(tmp_path / "missing")
     with pytest.raises(ValueError, match="neither a model directory"):
         load_model_source(tmp_path)
-    with pytest.raises(ValueError, match="only apply to a training work directory"):
+    with pytest.raises(ValueError, match="a step only applies to a training work directory"):
         load_model_source(tiny_model_dir, step=3)
+    with pytest.raises(ValueError, match="weights must be one of raw, ema"):
+        load_model_source(tiny_model_dir, weights="best")
+    # The fixture model directory was converted from a checkpoint without EMA buffers: it holds the raw U-Net.
+    assert load_model_source(tiny_model_dir, weights="raw").description.startswith("model directory")
+    with pytest.raises(ValueError, match="holding the raw U-Net weights, not the ema ones"):
+        load_model_source(tiny_model_dir, weights="ema")
     with pytest.raises(ValueError, match="not a training work directory"):
         workdir_to_model_dir(tiny_model_dir, tmp_path / "x")
 
@@ -173,13 +189,24 @@ def test_parameter_only_restore_skips_the_optimizer_state(tiny_model, damaged_wo
     assert_same_tree(sharded["vae"], params["vae"])
 
 
-def test_tools_work_from_a_run_whose_optimizer_state_is_unreadable(tiny_model, workdir, damaged_workdir, tmp_path):
-    """Sampling (`launch/sample.py` and the app load through `load_model_source`) and export read the damaged
-    run; the export (with EMA) equals the intact run's byte for byte."""
+def test_tools_work_from_a_run_whose_optimizer_state_is_unreadable(tiny_model, tiny_model_dir, workdir, damaged_workdir,
+                                                                   tmp_path):
+    """Sampling (`launch/sample.py`, the app, the notebook and evaluation open models with `from_pretrained`) and
+    export read the damaged run; the export (with EMA) equals the intact run's byte for byte."""
     from sketchcomp_jax.weights.export import export
 
-    pipe = open_pipeline(damaged_workdir)
+    pipe = SketchCompositionPipeline.from_pretrained(damaged_workdir, step=STEP)
     assert_same_tree(pipe.params, tiny_model[1])
+    ema = SketchCompositionPipeline.from_pretrained(damaged_workdir, weights="ema")
+    assert_same_tree(ema.params["unet"], jax.tree_util.tree_map(lambda x: np.asarray(x) * 0.5, tiny_model[1]["unet"]))
+    assert "EMA weights" in ema.description
+    # Replicated over a mesh of the 8 (simulated) devices, as evaluation generates: no device holds a shard only.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    for path in (damaged_workdir, tiny_model_dir):
+        sharded = SketchCompositionPipeline.from_pretrained(path, sharding=replicated)
+        assert {leaf.sharding for leaf in jax.tree_util.tree_leaves(sharded.params)} == {replicated}
+        assert_same_tree(sharded.params, tiny_model[1])
     image = np.full((64, 64, 3), 128, np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     mask[16:48, 16:48] = 255
@@ -188,3 +215,46 @@ def test_tools_work_from_a_run_whose_optimizer_state_is_unreadable(tiny_model, w
     damaged = export(tmp_path / "damaged.safetensors", "safetensors", workdir=damaged_workdir, include_ema=True)
     intact = export(tmp_path / "intact.safetensors", "safetensors", workdir=workdir, include_ema=True)
     assert damaged[0].read_bytes() == intact[0].read_bytes()
+
+
+# ---------------------------------------------------------------------------------- the command-line tools
+
+
+def _tool(script, *args, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(REPO_ROOT / "launch" / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+
+
+def test_sample_cli_opens_a_run_at_a_step_with_its_ema_weights(damaged_workdir, e2e, tmp_path):
+    """`sample.py --step --weights ema` on a run whose optimizer state is unreadable gives, pixel for pixel, what
+    `from_pretrained(run, step, weights="ema")` gives in Python (the raw weights, 2x the EMA ones here, would differ)."""
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    args = ["--image", "image.png", "--mask", "mask.png", "--sketch", "sketch.png", "--reference", "reference.png",
+            "--steps", "1", "--sampler", "ddim", "--vae_encode", "mean", "--noise", "noise.npy"]
+    proc = _tool("sample.py", "--model", damaged_workdir, "--step", STEP, "--weights", "ema", "--out", out, *args,
+                 cwd=e2e)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kw = dict(steps=1, sampler="ddim", vae_encode="mean", noise=np.load(e2e / "noise.npy"))
+    inputs = [e2e / n for n in ("image.png", "mask.png", "sketch.png", "reference.png")]
+    ema = SketchCompositionPipeline.from_pretrained(damaged_workdir, step=STEP, weights="ema")(*inputs, **kw)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(ema.images[0]))
+
+
+def test_cli_model_choices_are_one_line_errors(tiny_model_dir, tmp_path):
+    cases = [
+        (("sample.py", "--model", tiny_model_dir, "--step", 3, "--image", "x.png", "--mask", "x.png",
+          "--reference", "x.png", "--out", tmp_path / "o.png"), "--step only applies to a training work directory"),
+        (("app.py", "--model", tiny_model_dir, "--use_ema", "--weights", "raw"), "contradict each other"),
+        (("app.py", "--model", tmp_path / "missing"), "not a directory"),
+    ]
+    for args, message in cases:
+        proc = _tool(*args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, proc.stderr[-2000:])

@@ -232,20 +232,18 @@ def build_demo(pipe, title: str = "Sketch composition", model_description: str =
 
 
 def launch(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False, step: int | None = None,
-           use_ema: bool = False, defaults: Settings = Settings(), attention: str | None = None) -> None:
-    """Loads `model` (a model directory or a training work directory) and serves the UI (blocks)."""
+           weights: str | None = None, defaults: Settings = Settings(), attention: str | None = None) -> None:
+    """Opens `model` (a model directory or a training work directory; `step`, `weights` and `attention` as
+    `SketchCompositionPipeline.from_pretrained`) and serves the UI (blocks)."""
     # No telemetry or update checks: set before Gradio is imported.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from sketchcomp_jax.model_source import load_model_source, require_reference_model
+    from sketchcomp_jax.model_source import require_reference_model
     from sketchcomp_jax.pipeline import SketchCompositionPipeline
 
-    config, params, description = load_model_source(model, step, use_ema)
-    require_reference_model(config, description)
-    if attention:  # --attention overrides the model's attention backend
-        config = config.replace(attention=attention)
-    pipe = SketchCompositionPipeline(config, params)
-    demo = build_demo(pipe, model_description=description, defaults=defaults)
+    pipe = SketchCompositionPipeline.from_pretrained(model, step=step, weights=weights, attention=attention)
+    require_reference_model(pipe.config, pipe.description)
+    demo = build_demo(pipe, model_description=pipe.description, defaults=defaults)
     log.info("serving on http://%s:%d", host, port)
     demo.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, share=share,
                                                    show_error=True, ssr_mode=False, footer_links=[],

@@ -116,7 +116,7 @@ def load_training_params(workdir: str | os.PathLike, step: int, *, ema: str = "n
     meta = state_metadata(state_dir)
     has_ema = isinstance(meta.get("ema"), dict) and "unet" in meta["ema"]
     if ema == "use" and not has_ema:
-        raise ValueError(f"training run {workdir} kept no EMA weights (config.ema_decay was 0): drop use_ema")
+        raise ValueError(f"training run {workdir} kept no EMA weights (config.ema_decay was 0): use its raw weights (--weights raw)")
     want: dict[str, Any] = {"step": True, "frozen": True}
     if ema == "use":
         want["trainable"] = {k: True for k in meta["trainable"] if k != "unet"}
