@@ -74,8 +74,6 @@ def test_from_pretrained_opens_either_kind(tiny_model, tiny_model_dir, workdir):
         assert pipe.config.to_dict() == tiny_model[0].to_dict()
         assert_same_tree(pipe.params, tiny_model[1])  # bit-identical to `load_model` of the model directory
     assert pipe.description.startswith("training run") and f"step {STEP}" in pipe.description
-    chunked = SketchCompositionPipeline.from_pretrained(tiny_model_dir, attention="chunked", dtype=jnp.bfloat16)
-    assert chunked.config.attention == "chunked" and chunked.nets.unet.dtype == jnp.bfloat16
 
 
 def test_workdir_to_model_dir_round_trip(tiny_model, workdir, tmp_path):
@@ -189,24 +187,19 @@ def test_parameter_only_restore_skips_the_optimizer_state(tiny_model, damaged_wo
     assert_same_tree(sharded["vae"], params["vae"])
 
 
-def test_tools_work_from_a_run_whose_optimizer_state_is_unreadable(tiny_model, tiny_model_dir, workdir, damaged_workdir,
-                                                                   tmp_path):
+def test_tools_work_from_a_run_whose_optimizer_state_is_unreadable(tiny_model, workdir, damaged_workdir, tmp_path):
     """Sampling (`launch/sample.py`, the app, the notebook and evaluation open models with `from_pretrained`) and
     export read the damaged run; the export (with EMA) equals the intact run's byte for byte."""
     from sketchcomp_jax.weights.export import export
 
     pipe = SketchCompositionPipeline.from_pretrained(damaged_workdir, step=STEP)
     assert_same_tree(pipe.params, tiny_model[1])
-    ema = SketchCompositionPipeline.from_pretrained(damaged_workdir, weights="ema")
-    assert_same_tree(ema.params["unet"], jax.tree_util.tree_map(lambda x: np.asarray(x) * 0.5, tiny_model[1]["unet"]))
-    assert "EMA weights" in ema.description
-    # Replicated over a mesh of the 8 (simulated) devices, as evaluation generates: no device holds a shard only.
+    # Replicated over a mesh of the 8 (simulated) devices, as evaluation generates (a model directory: test_evaluate).
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    for path in (damaged_workdir, tiny_model_dir):
-        sharded = SketchCompositionPipeline.from_pretrained(path, sharding=replicated)
-        assert {leaf.sharding for leaf in jax.tree_util.tree_leaves(sharded.params)} == {replicated}
-        assert_same_tree(sharded.params, tiny_model[1])
+    sharded = SketchCompositionPipeline.from_pretrained(damaged_workdir, sharding=replicated)
+    assert {leaf.sharding for leaf in jax.tree_util.tree_leaves(sharded.params)} == {replicated}
+    assert_same_tree(sharded.params, tiny_model[1])
     image = np.full((64, 64, 3), 128, np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     mask[16:48, 16:48] = 255
@@ -242,8 +235,9 @@ def test_sample_cli_opens_a_run_at_a_step_with_its_ema_weights(damaged_workdir, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     kw = dict(steps=1, sampler="ddim", vae_encode="mean", noise=np.load(e2e / "noise.npy"))
     inputs = [e2e / n for n in ("image.png", "mask.png", "sketch.png", "reference.png")]
-    ema = SketchCompositionPipeline.from_pretrained(damaged_workdir, step=STEP, weights="ema")(*inputs, **kw)
-    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(ema.images[0]))
+    ema = SketchCompositionPipeline.from_pretrained(damaged_workdir, step=STEP, weights="ema")
+    assert ema.description.endswith(f"step {STEP} (EMA weights)")
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(ema(*inputs, **kw).images[0]))
 
 
 def test_cli_model_choices_are_one_line_errors(tiny_model_dir, tmp_path):
