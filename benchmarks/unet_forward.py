@@ -3,8 +3,9 @@
 Config "bench-sd" (docs/architecture.md): SD-v1 topology scaled in width — model_channels 64,
 channel_mult [1,2,4,4], 2 res blocks, attention at levels 0-2 + middle, 8 heads, context 768,
 in_channels 12 — at 32×32 latents, batch 2, float32, identical random weights on both sides, the
-same number of threads, warm-up excluded. Prints medians, then one JSON line:
-{"benchmark": "unet_forward", "unit": "s", "ours": ..., "anchor": ..., "anchor_name": ..., "speedup": ...}
+same number of threads, warm-up excluded, the sides' calls interleaved so machine load affects both alike.
+Prints medians, then one JSON line: {"benchmark": "unet_forward", "unit": "s", "ours": ..., "anchor": ...,
+"anchor_name": ..., "speedup": ..., "load_average": ...} (+ "torch_compile" with `--compile`).
 
     python benchmarks/unet_forward.py [--quick] [--repeats 20] [--threads N] [--compile] [--size 32]
                                       [--attention auto|xla|chunked|splash|cudnn]
@@ -19,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_sd_unet, median_time, print_result  # noqa: E402
+from benchmarks.common import bench_sd_unet, median_interleaved, print_result  # noqa: E402
 
 
 def main() -> None:
@@ -62,23 +63,31 @@ def main() -> None:
         ref = unet_t(x, t, encoder_hidden_states=ctx).sample.numpy().transpose(0, 2, 3, 1)
     err = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
 
-    ours = median_time(lambda: forward({"params": params}, x_j, t_j, ctx_j).block_until_ready(), repeats)
     with torch.no_grad():
-        anchor = median_time(lambda: unet_t(x, t, encoder_hidden_states=ctx), repeats)
-        compiled = None
+        fns = [lambda: forward({"params": params}, x_j, t_j, ctx_j).block_until_ready(),
+               lambda: unet_t(x, t, encoder_hidden_states=ctx)]
         if args.compile:
             try:
                 unet_c = torch.compile(unet_t)
-                compiled = median_time(lambda: unet_c(x, t, encoder_hidden_states=ctx), repeats, warmup=3)
+                unet_c(x, t, encoder_hidden_states=ctx)  # compiles here, so a failure is caught
+                fns.append(lambda: unet_c(x, t, encoder_hidden_states=ctx))
             except Exception as e:  # torch.compile needs a working C++ toolchain; report, don't fail
                 print(f"torch.compile unavailable: {type(e).__name__}: {e}".splitlines()[0])
+        times = median_interleaved(fns, repeats, warmup=3)
+    ours, anchor = times[0], times[1]
+    compiled = times[2] if len(times) > 2 else None
+    load = os.getloadavg()[0]
     print(f"bench-sd U-Net forward, batch 2, {size}x{size} latents, fp32, {args.attention} attention, "
-          f"{args.threads} threads, {repeats} repeats")
+          f"{args.threads} threads, {repeats} repeats, load average {load:.2f}")
     print(f"  flax (jit)          median {ours * 1e3:8.1f} ms   (max rel err vs torch {err:.2e})")
     print(f"  torch eager         median {anchor * 1e3:8.1f} ms")
     if compiled is not None:
         print(f"  torch.compile       median {compiled * 1e3:8.1f} ms   (speedup vs it {compiled / ours:.2f}x)")
-    print_result("unet_forward", "s", ours, anchor, "diffusers UNet2DConditionModel, torch eager fp32", digits=6)
+    extra = {"load_average": round(load, 2)}
+    if compiled is not None:
+        extra["torch_compile"] = round(compiled, 6)
+    print_result("unet_forward", "s", ours, anchor, "diffusers UNet2DConditionModel, torch eager fp32", digits=6,
+                 extra=extra)
 
 
 if __name__ == "__main__":
