@@ -106,7 +106,9 @@ def main(argv):
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:  # the other hosts only generated and scored their share
-        print(open(os.path.splitext(FLAGS.out)[0] + ".md").read())
+        from sketchcomp_jax.paths import expand
+
+        print(expand(FLAGS.out).with_suffix(".md").read_text())
         print(f"wrote {FLAGS.out} ({results['num_images']} images, {results['generated_now']} generated now)")
     return 0
 

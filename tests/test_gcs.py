@@ -1,6 +1,7 @@
 """`gs://` paths end to end against a real GCS protocol server on localhost (tests/gcs_server.py): the path
 helpers, `launch/prepare_data.py --out gs://…`, training the demo with `--workdir gs://…` and `data.dir` on
-GCS, SIGTERM and resume, `launch/export.py --workdir gs://…` and `launch/sample.py --model gs://…`.
+GCS, SIGTERM and resume, `evaluate` with model, data and --out on gs://, `launch/export.py --workdir
+gs://…` and `launch/sample.py --model gs://…`.
 The default suite runs the helpers, the data set and the in-process train → resume (= uninterrupted run)
 on gs://; `-m slow` adds the model-directory round trip and the CLI flow (SIGTERM, export, sample).
 
@@ -177,6 +178,29 @@ def test_train_and_resume_with_a_gcs_workdir(gcs_inprocess_run):
     assert sorted(int(p.rsplit("/", 1)[-1]) for p in fs.ls(ckpt) if p.rsplit("/", 1)[-1].isdigit()) == [2, 4]
     assert fs.exists(f"{BUCKET}/runs/inprocess/model_config.json")
     assert fs.ls(f"{BUCKET}/runs/inprocess/tensorboard")  # the TensorBoard event file, uploaded
+
+
+def test_evaluate_reads_and_writes_gcs(gcs_inprocess_run, gcs_dataset, monkeypatch, tmp_path):
+    """`evaluate()` with everything on gs://: the model (the gs:// training work dir), the data, the results
+    JSON/.md and the result PNGs; nothing lands in a local "gs:" folder; a second call re-scores the cached
+    PNGs (read back from gs://) to the same rows without generating."""
+    from sketchcomp_jax.eval.evaluate import EvalSettings, evaluate
+
+    monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would appear here as gs:/...
+    settings = EvalSettings(num=2, batch_size=2, steps=2, sampler="ddim")
+    out = gs("eval/results.json")
+    first = evaluate(gcs_dataset[0], out, model_dir=gcs_inprocess_run[0], settings=settings, progress=False)
+    assert first["num_images"] == 2 and first["generated_now"] == 2
+    fs = _fs()
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/eval")}
+    assert names == {"results.json", "results.md", "results_samples"}  # no partial sums left behind
+    assert len([p for p in fs.ls(f"{BUCKET}/eval/results_samples") if p.endswith(".png")]) == 2
+    saved = json.loads(fs.cat(f"{BUCKET}/eval/results.json"))
+    assert len(saved["per_image"]) == 2 and "| L1 (hole) |" in fs.cat(f"{BUCKET}/eval/results.md").decode()
+    assert not any(tmp_path.iterdir())
+    again = evaluate(gcs_dataset[0], out, model_dir=gcs_inprocess_run[0], settings=settings, progress=False)
+    assert again["generated_now"] == 0
+    assert json.loads(fs.cat(f"{BUCKET}/eval/results.json"))["per_image"] == saved["per_image"]
 
 
 @pytest.mark.slow

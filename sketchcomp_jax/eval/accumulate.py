@@ -20,6 +20,7 @@ import numpy as np
 
 from sketchcomp_jax.eval.fid import RunningStatistics
 from sketchcomp_jax.eval.metrics import MetricSums
+from sketchcomp_jax.paths import copy_file, is_remote
 
 FEATURE_SETS = ("fid_results", "fid_gts", "clip_results", "clip_gts")
 
@@ -115,15 +116,24 @@ def finite(obj):
     return obj
 
 
-def write_results(out_path: str | os.PathLike, head: dict[str, Any], rows: Iterable[dict[str, Any]]) -> None:
+def write_results(out_path: str | os.PathLike, head: dict[str, Any], rows: Iterable[dict[str, Any]],
+                  scratch: str | os.PathLike | None = None) -> None:
     """Writes `head` plus `"per_image": [rows…]` as one JSON object, row by row (never the whole list in
-    memory), to a temporary sibling renamed into place."""
-    out_path = pathlib.Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    memory), to a temporary sibling renamed into place. A remote `out_path` (gs://…) is written to a
+    temporary file in the local directory `scratch` first, then uploaded as one object (atomic on GCS)."""
+    remote = is_remote(out_path)
+    if remote and scratch is None:
+        raise ValueError("write_results: a remote out_path needs a local scratch directory")
+    local = pathlib.Path(scratch) / "results.json" if remote else pathlib.Path(out_path)
+    tmp = local.with_name(local.name + ".tmp")
     text = json.dumps(finite(head), indent=2)
     with open(tmp, "w") as f:
         f.write(text[:-2] + ',\n  "per_image": [')  # drop the closing "\n}"
         for i, row in enumerate(rows):
             f.write(("\n    " if i == 0 else ",\n    ") + json.dumps(finite(row)))
         f.write("\n  ]\n}\n")
-    os.replace(tmp, out_path)
+    if remote:
+        copy_file(tmp, out_path)
+        tmp.unlink()
+    else:
+        os.replace(tmp, local)

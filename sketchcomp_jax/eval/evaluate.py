@@ -31,6 +31,7 @@ them into the results (the output folder must be shared by the hosts, e.g. `gs:/
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -38,11 +39,13 @@ import os
 import pathlib
 import re
 import shutil
+import tempfile
 from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
 
+from sketchcomp_jax import paths as P
 from sketchcomp_jax.eval import metrics as M
 from sketchcomp_jax.imageio import hole_bbox
 
@@ -201,13 +204,13 @@ def evaluate(
     from sketchcomp_jax.eval.accumulate import EvalAccumulator, finite, merged_rows, write_results
 
     data_dir = os.fspath(data_dir)
-    out_path = pathlib.Path(out_path)
+    out_path = P.expand(out_path)
     if out_path.suffix != ".json":
         raise ValueError(f"--out must be a .json file, got {out_path}")
     if settings.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {settings.batch_size}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    samples = pathlib.Path(samples_dir) if samples_dir else out_path.with_suffix("").parent / (out_path.stem + "_samples")
+    samples = P.expand(samples_dir) if samples_dir else out_path.parent / (out_path.stem + "_samples")
     samples.mkdir(parents=True, exist_ok=True)
     source = RecordSource(data_dir, settings.split)
     process, processes = jax.process_index(), jax.process_count()
@@ -222,8 +225,12 @@ def evaluate(
         tokenizer_dir = os.fspath(model_tokenizer_dir(model_dir, model[0]))
     generator = None
 
+    # Each process's partial sums go to `partial_dir` beside --out for process 0 to merge. They are written
+    # locally (appended per batch); with a remote --out they live in a local scratch folder and are
+    # uploaded once at the end (object stores cannot append).
     partial_dir = out_path.with_name(out_path.stem + ".partial")
-    acc = EvalAccumulator(partial_dir / f"rows.{process}.jsonl")
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="sketchcomp_eval_")) if P.is_remote(out_path) else partial_dir
+    acc = EvalAccumulator(scratch / f"rows.{process}.jsonl")
     extractor = _SketchExtractor(source.sketcher, pidinet_weights)
     inception = None
     if inception_weights:
@@ -261,16 +268,24 @@ def evaluate(
         encoders["fid"] = os.fspath(inception_weights)
     if clip is not None:
         encoders["clip"] = clip.name
-    acc.save(partial_dir / f"stats.{process}.npz")
+    acc.save(scratch / f"stats.{process}.npz")
+    partial_names = [lambda p: f"stats.{p}.npz", lambda p: f"rows.{p}.jsonl"]
+    if scratch != partial_dir and processes > 1:
+        for name in partial_names:
+            P.copy_file(scratch / name(process), partial_dir / name(process))
     head = None
     if processes > 1:
         from sketchcomp_jax.parallel.mesh import barrier
 
         barrier("sketchcomp: evaluation partial sums written")
     if process == 0:
-        total = EvalAccumulator.load(partial_dir / "stats.0.npz")
+        if scratch != partial_dir:
+            for p in range(1, processes):
+                for name in partial_names:
+                    P.copy_file(partial_dir / name(p), scratch / name(p))
+        total = EvalAccumulator.load(scratch / "stats.0.npz")
         for p in range(1, processes):
-            total.merge(EvalAccumulator.load(partial_dir / f"stats.{p}.npz"))
+            total.merge(EvalAccumulator.load(scratch / f"stats.{p}.npz"))
         if total.images == 0:
             raise ValueError(f"no records evaluated: split {settings.split!r} of {data_dir} is empty")
         head = {
@@ -283,10 +298,12 @@ def evaluate(
             "encoders": encoders,
             "metrics": _summary(total),
         }
-        rows = merged_rows(partial_dir / f"rows.{p}.jsonl" for p in range(processes))
-        write_results(out_path, head, rows)
-        out_path.with_suffix(".md").write_text(markdown_table({"this run": head["metrics"]}, head))
-        shutil.rmtree(partial_dir, ignore_errors=True)
+        rows = merged_rows(scratch / f"rows.{p}.jsonl" for p in range(processes))
+        write_results(out_path, head, rows, scratch=scratch)
+        P.write_text_atomic(out_path.with_suffix(".md"), markdown_table({"this run": head["metrics"]}, head))
+        P.rmtree(partial_dir)
+    if scratch != partial_dir:
+        shutil.rmtree(scratch, ignore_errors=True)
     if processes > 1:
         barrier("sketchcomp: evaluation results written")
         if head is None:
@@ -294,13 +311,14 @@ def evaluate(
     return finite(head)
 
 
-def _score_batch(acc, batch, ids: list[str], paths: list[pathlib.Path], resolution: int, extractor,
+def _score_batch(acc, batch, ids: list[str], paths: list, resolution: int, extractor,
                  tolerance: float, inception, clip) -> None:
     """Scores one batch from its PNGs into `acc`: per-image rows (L1/L2, sketch fidelity, CLIP-I) and the
     Inception / CLIP features of results and ground truths. Only this batch's images are in memory."""
     rows, results01, gts01, hole_crops, references01 = [], [], [], [], []
     for j, rid in enumerate(ids):
-        result = np.asarray(Image.open(paths[j]).convert("RGB"))
+        with paths[j].open("rb") as f:
+            result = np.asarray(Image.open(f).convert("RGB"))
         if result.shape[:2] != (resolution, resolution):
             raise ValueError(f"{paths[j]} is {result.shape[1]}x{result.shape[0]}, expected {resolution}x{resolution}")
         result01 = result.astype(np.float32) / 255.0
@@ -365,15 +383,15 @@ def markdown_table(columns: dict[str, dict[str, float]], results: dict[str, Any]
 
 def _load_model(model_dir, mesh):
     """A model directory or a training work directory (its latest checkpoint, parameters only), replicated
-    over `mesh`."""
+    over `mesh`: opened as every tool opens a model, with `SketchCompositionPipeline.from_pretrained`."""
     import jax
 
-    from sketchcomp_jax.model_source import load_model_source
+    from sketchcomp_jax.pipeline import SketchCompositionPipeline
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    source = load_model_source(model_dir, sharding=replicated)
-    log.info("evaluating %s", source.description)
-    return source.config, source.params
+    pipe = SketchCompositionPipeline.from_pretrained(model_dir, sharding=replicated)
+    log.info("evaluating %s", pipe.description)
+    return pipe.config, pipe.params
 
 
 def fix_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
@@ -404,13 +422,13 @@ def _generation_mesh(batch_size: int):
     return jax.sharding.Mesh(np.array(devices[:used]), ("data",))
 
 
-def _sizes(model, samples: pathlib.Path) -> tuple[int, int]:
+def _sizes(model, samples) -> tuple[int, int]:
     if model is not None:
         return model[0].resolution, model[0].clip.image_size
     existing = sorted(p for p in samples.glob("*.png"))
     if not existing:
         raise FileNotFoundError(f"no --model given and {samples} holds no result PNGs to score")
-    with Image.open(existing[0]) as img:
+    with existing[0].open("rb") as f, Image.open(f) as img:
         w, h = img.size
     if w != h:
         raise ValueError(f"{existing[0]} is {w}x{h}: results must be square, at the model resolution")
@@ -453,7 +471,7 @@ def _sketch_scores(extractor: _SketchExtractor, rows, results01, gts01, batch, t
         row["gt_sketch_f1"] = M.sketch_fidelity(gt_edges[j], target, hole, tolerance)["f1"]
 
 
-def _write_inputs(folder: pathlib.Path, ids: list[str], batch) -> None:
+def _write_inputs(folder, ids: list[str], batch) -> None:
     """The exact evaluation inputs as the original's files expect them: image, mask (white = fill), sketch
     (white on black, full image), reference (the un-augmented crop at the CLIP size)."""
     for j, rid in enumerate(ids):
@@ -467,10 +485,11 @@ def _write_inputs(folder: pathlib.Path, ids: list[str], batch) -> None:
         _atomic_png(d / "reference.png", _to_uint8(_reference01(np.asarray(batch["reference"][j]))))
 
 
-def _atomic_png(path: pathlib.Path, array_uint8: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array_uint8).save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _atomic_png(path, array_uint8: np.ndarray) -> None:
+    """A PNG that a kill never leaves half-written (local or gs://)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array_uint8).save(buffer, format="PNG")
+    P.write_bytes_atomic(path, buffer.getvalue())
 
 
 def _progress(total: int, enabled: bool):
