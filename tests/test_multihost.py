@@ -9,6 +9,7 @@ collectives' reduction order may differ between runs of one configuration, and i
 """
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -38,6 +39,8 @@ def _launch(n, workdir, data_dir, *extra, total_steps=TOTAL):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                SKETCHCOMP_CPU_COLLECTIVES="gloo", JAX_LOG_COMPILES="1")
     procs = []
+    logs = pathlib.Path(workdir).parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     for pid in range(n):
         cmd = [sys.executable, str(REPO_ROOT / "launch" / "train.py"), "--config", str(REPO_ROOT / "configs" / "demo.py"),
                "--workdir", str(workdir), f"--config.data.dir={data_dir}", "--config.data.synthetic_images=48",
@@ -46,20 +49,26 @@ def _launch(n, workdir, data_dir, *extra, total_steps=TOTAL):
                "--config.sample_steps=2", "--config.eval_batches=1", "--config.optim.warmup_steps=2",
                f"--config.distributed.coordinator=127.0.0.1:{port}", f"--config.distributed.num_processes={n}",
                f"--config.distributed.process_id={pid}", *extra]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        # Output to files, not pipes: a pipe nobody drains yet (the test waits on process 0 first) fills up and
+        # blocks its writer, which then stalls every other process in the next collective.
+        log_path = logs / f"process{pid}.{time.time_ns()}.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        proc.log_path = log_path
+        procs.append(proc)
     return procs
 
 
 def _finish(procs, timeout=1800):
-    outs = []
+    deadline = time.time() + timeout
     for p in procs:
         try:
-            outs.append(p.communicate(timeout=timeout)[0])
+            p.wait(timeout=max(deadline - time.time(), 0.1))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
+    outs = [p.log_path.read_text() for p in procs]
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
     return outs

@@ -153,9 +153,13 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer, flag: Pree
     barrier("sketchcomp: compiled and restored")  # the first step's collectives start together
     config_json = config_to_json(cfg)
     writer = MetricsWriter(workdir_path, enabled=jax.process_index() == 0)
-    writer.truncate_after(start)
+    # A preempted run saves without its monitors of that step (to leave quickly); the resumed run does them
+    # first. The decision depends on the step only, so every process takes it without reading files.
+    resuming = 0 < start < cfg.total_steps
+    redo_eval = resuming and bool(cfg.eval_every) and start % cfg.eval_every == 0
+    redo_grid = resuming and bool(cfg.sample_every) and start % cfg.sample_every == 0
+    writer.truncate_after(start, redo_eval=redo_eval)
     lr_of = learning_rate_schedule(cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.get("warmup_f_start", 1e-6))
-    eval_loss = sample_grid = sample_batch = None
     stop_reason = "finished"
     last = {}
     from sketchcomp_jax.data.pipeline import to_global_batch
@@ -165,6 +169,8 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer, flag: Pree
 
         bar = tqdm(total=int(cfg.total_steps), initial=start, desc="train", disable=jax.process_index() != 0)
         step = start
+        monitors = _Monitors(cfg, model_config, nets, acp, mesh, compiled, gather, writer, workdir_path)
+        monitors.run(start, state, eval_due=redo_eval, grid_due=redo_grid)
         window: list[dict] = []
         window_start = time.time()
         while step < cfg.total_steps:
@@ -183,23 +189,8 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer, flag: Pree
                 last = rows[-1]
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             bar.update(1)
-            if not preempted and cfg.eval_every and step % cfg.eval_every == 0:
-                if eval_loss is None:
-                    eval_loss = EvalLoss(nets, model_config, acp, mesh, compiled.state_shardings,
-                                         compiled.batch_sharding, gather)
-                writer.write([{"step": step, "eval_loss": _eval_loss(cfg, model_config, eval_loss, state,
-                                                                     compiled.batch_sharding)}])
-            if not preempted and cfg.sample_every and step % cfg.sample_every == 0:
-                if sample_grid is None:  # every process: the same (possibly short) first test batch
-                    sample_batch = next(iter(_loader(cfg, model_config, "test", eval_mode=True, epochs=1,
-                                                     shard_index=0, shard_count=1, drop_remainder=False)))
-                    generator = BatchGenerator(model_config, nets, sampler="plms", steps=int(cfg.sample_steps),
-                                               guidance_scale=float(cfg.sample_guidance), vae_encode="mean")
-                    sample_grid = SampleGrid(generator, model_config, mesh, compiled.state_shardings, gather)
-                grid = sample_grid(state, sample_batch)
-                if jax.process_index() == 0:
-                    save_png(workdir_path / "samples" / f"step_{step:07d}.png", grid)
-                    writer.image("samples", grid, step)
+            if not preempted:
+                monitors.run(step, state)
             if saving:
                 ckpt.save(step, state, data_iter, config_json, force=True)
                 writer.flush()
@@ -214,6 +205,44 @@ def _train(cfg, workdir_path: pathlib.Path, mesh, ckpt: Checkpointer, flag: Pree
         writer.close()
     return {"step": int(jax.device_get(state.step)), "last": last, "stop_reason": stop_reason,
             "flops_per_step": compiled.flops, "memory": compiled.memory}
+
+
+class _Monitors:
+    """The eval loss and the sample grid of a step, run by every process together (process 0 writes them);
+    their programs are built and compiled on first use, once per run."""
+
+    def __init__(self, cfg, model_config: ModelConfig, nets, alphas_cumprod, mesh, compiled, gather, writer,
+                 workdir_path):
+        self.cfg, self.model_config, self.nets, self.acp, self.mesh = cfg, model_config, nets, alphas_cumprod, mesh
+        self.compiled, self.gather, self.writer, self.workdir_path = compiled, gather, writer, workdir_path
+        self.eval_loss = self.sample_grid = self.sample_batch = None
+
+    def run(self, step: int, state, eval_due: bool | None = None, grid_due: bool | None = None) -> None:
+        """Runs the monitors due at `step` (by `eval_every` / `sample_every`, unless `eval_due` / `grid_due`
+        say otherwise)."""
+        cfg, compiled = self.cfg, self.compiled
+        if eval_due is None:
+            eval_due = bool(cfg.eval_every) and step % cfg.eval_every == 0
+        if grid_due is None:
+            grid_due = bool(cfg.sample_every) and step % cfg.sample_every == 0
+        if eval_due:
+            if self.eval_loss is None:
+                self.eval_loss = EvalLoss(self.nets, self.model_config, self.acp, self.mesh, compiled.state_shardings,
+                                          compiled.batch_sharding, self.gather)
+            value = _eval_loss(cfg, self.model_config, self.eval_loss, state, compiled.batch_sharding)
+            self.writer.write([{"step": step, "eval_loss": value}])
+        if grid_due:
+            if self.sample_grid is None:  # every process: the same (possibly short) first test batch
+                self.sample_batch = next(iter(_loader(cfg, self.model_config, "test", eval_mode=True, epochs=1,
+                                                      shard_index=0, shard_count=1, drop_remainder=False)))
+                generator = BatchGenerator(self.model_config, self.nets, sampler="plms", steps=int(cfg.sample_steps),
+                                           guidance_scale=float(cfg.sample_guidance), vae_encode="mean")
+                self.sample_grid = SampleGrid(generator, self.model_config, self.mesh, compiled.state_shardings,
+                                              self.gather)
+            grid = self.sample_grid(state, self.sample_batch)
+            if jax.process_index() == 0:
+                save_png(self.workdir_path / "samples" / f"step_{step:07d}.png", grid)
+                self.writer.image("samples", grid, step)
 
 
 def _throughput(seconds_per_step: float, batch_size: int, flops_per_device_step: float | None,

@@ -52,8 +52,9 @@ class MetricsWriter:
                     tb_dir = local
                 self._tb = SummaryWriter(str(tb_dir), flush_secs=30)
 
-    def truncate_after(self, step: int) -> None:
-        """Drops rows after `step` (they belong to steps a resumed run will redo)."""
+    def truncate_after(self, step: int, redo_eval: bool = False) -> None:
+        """Drops rows after `step` (they belong to steps a resumed run will redo), and with `redo_eval` the
+        eval-loss row of `step` itself (a resumed run that recomputes it writes it again)."""
         if not self.enabled or not self.jsonl_path.exists():
             return
         kept = []
@@ -68,8 +69,11 @@ class MetricsWriter:
                 log.warning("%s: dropped %s, which is not valid JSON (%s; a run killed while writing it)",
                             self.jsonl_path, where, e)
                 continue
-            if isinstance(row, dict) and row.get("step", 0) <= step:
-                kept.append(line)
+            if not isinstance(row, dict) or row.get("step", 0) > step:
+                continue
+            if redo_eval and row.get("step") == step and "eval_loss" in row:
+                continue
+            kept.append(line)
         # Write a sibling then rename: a kill during the rewrite leaves the old file or the new one, never half.
         paths.write_text_atomic(self.jsonl_path, "".join(r + "\n" for r in kept))
 
