@@ -19,7 +19,11 @@ from absl import flags  # noqa: E402
 from sketchcomp_jax.cli_logging import configure_cli_logging  # noqa: E402  (defines --library_logs)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Model directory (launch/convert.py output, or a run exported with launch/export.py).")
+flags.DEFINE_string("model", None, "Model directory (launch/convert.py, launch/export.py) or training work directory "
+                    "(launch/train.py --workdir; parameters only), local or gs://.")
+flags.DEFINE_integer("step", None, "With a training work directory: the checkpoint step (default: the latest).")
+flags.DEFINE_enum("weights", None, ["raw", "ema"], "U-Net weights: raw or ema (default: a run's raw weights, or the "
+                  "set a model directory holds).")
 flags.DEFINE_string("data", None, "Prepared dataset directory (launch/prepare_data.py).", required=True)
 flags.DEFINE_string("split", "test", "Dataset split.")
 flags.DEFINE_integer("num", 0, "Number of records (the first N of the split); 0 = all.")
@@ -55,6 +59,7 @@ def main(argv):
 
     try:  # flags and paths, before JAX is imported and the model loaded (H17: sketchcomp_jax/cli_checks.py)
         C.number("num", FLAGS.num, lo=0)
+        C.number("step", FLAGS.step, lo=0, allow_none=True)
         C.number("batch_size", FLAGS.batch_size, lo=1)
         C.number("steps", FLAGS.steps, lo=1, hi=1000)
         C.number("guidance_scale", FLAGS.guidance_scale)
@@ -94,7 +99,7 @@ def main(argv):
         split=FLAGS.split, num=FLAGS.num, batch_size=FLAGS.batch_size, seed=FLAGS.seed, sampler=FLAGS.sampler,
         steps=FLAGS.steps, guidance_scale=FLAGS.guidance_scale, sketch_drop_after=FLAGS.sketch_drop_after,
         drop_value=FLAGS.drop_value, vae_encode=FLAGS.vae_encode, edge_tolerance=FLAGS.edge_tolerance,
-        data_seed=FLAGS.data_seed, attention=FLAGS.attention,
+        data_seed=FLAGS.data_seed, attention=FLAGS.attention, model_step=FLAGS.step, model_weights=FLAGS.weights,
     )
     try:
         results = evaluate(

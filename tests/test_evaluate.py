@@ -1,4 +1,5 @@
 """launch/evaluate.py end to end on the fixture model and a small synthetic test split."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -93,6 +94,15 @@ def test_missing_results_without_a_model_is_a_clear_error(data_dir, tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(samples / "unrelated.png")
     with pytest.raises(FileNotFoundError, match="no --model"):
         evaluate(data_dir, tmp_path / "r.json", samples_dir=samples, settings=SETTINGS, progress=False)
+
+
+def test_model_weights_choice_reaches_the_loader(tiny_model_dir, data_dir, tmp_path):
+    """`--weights` / `model_weights` goes to `from_pretrained`: the tiny model dir holds the raw set, so asking
+    for EMA is refused before anything is generated or written."""
+    settings = dataclasses.replace(SETTINGS, model_weights="ema")
+    with pytest.raises(ValueError, match="holding the raw U-Net weights, not the ema ones"):
+        evaluate(data_dir, tmp_path / "r.json", model_dir=tiny_model_dir, settings=settings, progress=False)
+    assert not (tmp_path / "r.json").exists() and not any((tmp_path / "r_samples").glob("*.png"))
 
 
 def test_cli(tiny_model_dir, data_dir, tmp_path):

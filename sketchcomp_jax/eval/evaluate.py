@@ -84,6 +84,8 @@ class EvalSettings:
     edge_tolerance: float = 2.0
     data_seed: int = 0  # the eval masks' seed (the data pipeline's `seed`)
     attention: str | None = None  # attention backend; None = the model's config.attention
+    model_step: int | None = None  # a training work dir's checkpoint step; None = the latest
+    model_weights: str | None = None  # "raw" or "ema"; None = a run's raw weights / a model dir's own set
 
 
 def _safe_name(record_id: str) -> str:
@@ -216,7 +218,7 @@ def evaluate(
     process, processes = jax.process_index(), jax.process_count()
     mesh = _generation_mesh(settings.batch_size)
 
-    model = _load_model(model_dir, mesh) if model_dir else None
+    model = _load_model(model_dir, mesh, settings) if model_dir else None
     resolution, reference_size = _sizes(model, samples)
     tokenizer_dir = None
     if model is not None and model[0].conditioning == "text":
@@ -381,15 +383,16 @@ def markdown_table(columns: dict[str, dict[str, float]], results: dict[str, Any]
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _load_model(model_dir, mesh):
-    """A model directory or a training work directory (its latest checkpoint, parameters only), replicated
-    over `mesh`: opened as every tool opens a model, with `SketchCompositionPipeline.from_pretrained`."""
+def _load_model(model_dir, mesh, settings: EvalSettings):
+    """A model directory or a training work directory (its checkpoint `settings.model_step`, default the
+    latest; parameters only, `settings.model_weights`), replicated over `mesh`: opened as every tool opens a model, with `SketchCompositionPipeline.from_pretrained`."""
     import jax
 
     from sketchcomp_jax.pipeline import SketchCompositionPipeline
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    pipe = SketchCompositionPipeline.from_pretrained(model_dir, sharding=replicated)
+    pipe = SketchCompositionPipeline.from_pretrained(model_dir, step=settings.model_step,
+                                                     weights=settings.model_weights, sharding=replicated)
     log.info("evaluating %s", pipe.description)
     return pipe.config, pipe.params
 
