@@ -143,7 +143,7 @@ def fsdp_reference(tmp_path_factory):
     return tmp / "run", outs
 
 
-@pytest.mark.slow  # did not finish within 7 min on an idle 2-core machine (process 1 recompiles; see closing note)
+@pytest.mark.slow  # a 2-process run: ~8 min on a 2-core machine (each process compiles every program)
 def test_two_process_fsdp_run_samples_and_evaluates(fsdp_reference):
     workdir, outs = fsdp_reference
     _check_complete_run(workdir)
