@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sketchcomp_jax.diffusion.inputs import latent_conditioning
+from sketchcomp_jax.diffusion.inputs import latent_conditioning, masked_image_latent
 from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
 from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.models.config import ModelConfig, Networks
-from sketchcomp_jax.models.vae import AutoencoderKL, DiagonalGaussian
+from sketchcomp_jax.models.vae import AutoencoderKL
 
 
 class BatchGenerator:
@@ -75,20 +75,19 @@ class BatchGenerator:
         cfg, nets = self.config, self.nets
         keep = batch["keep_mask"]
         moments = nets.vae.apply({"params": params["vae"]}, batch["gt"] * keep, method=AutoencoderKL.encode)
-        posterior = DiagonalGaussian(moments)
         lat = cfg.latent_size
         noise_shape = (lat, lat, cfg.unet.out_channels)
         x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), noise_shape))(keys)
-        if self.vae_encode == "mean":
-            z = posterior.mean
-        else:
-            eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), posterior.mean.shape[1:]))(keys)
-            z = posterior.mean + posterior.std * eps
+        eps = None
+        if self.vae_encode != "mean":
+            mean_shape = moments.shape[1:-1] + (moments.shape[-1] // 2,)
+            eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), mean_shape))(keys)
+        z_masked = masked_image_latent(moments, eps, cfg.scale_factor)
         mask_lat, sketch_lat = latent_conditioning(keep, batch["sketch"] if cfg.uses_sketch else None, (lat, lat),
                                                    cfg.sketch_edge_type)
         context = nets.conditioner.apply({"params": params["conditioner"]}, batch[cfg.conditioning_input])
         uncond = jnp.broadcast_to(params["conditioner"]["uncond_vector"], context.shape)
-        cond = SamplingCond(cfg.scale_factor * z, mask_lat, sketch_lat, context, uncond)
+        cond = SamplingCond(z_masked, mask_lat, sketch_lat, context, uncond)
         return x_T, cond
 
     def images(self, params: Mapping[str, Any], inputs: Mapping[str, jax.Array], keys: jax.Array,

@@ -23,13 +23,13 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from sketchcomp_jax import imageio
-from sketchcomp_jax.diffusion.inputs import latent_conditioning
+from sketchcomp_jax.diffusion.inputs import latent_conditioning, masked_image_latent
 from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
 from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.model_source import load_model_source
 from sketchcomp_jax.models.clip_vision import CLIP_MEAN, CLIP_STD
 from sketchcomp_jax.models.config import ModelConfig, build_networks
-from sketchcomp_jax.models.vae import AutoencoderKL, DiagonalGaussian
+from sketchcomp_jax.models.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -259,21 +259,22 @@ class SketchCompositionPipeline:
         cfg = self.config
         lat = cfg.latent_size
         masked = jnp.asarray(inputs.image * inputs.keep_mask)
-        posterior = DiagonalGaussian(self._encode(self.params["vae"], masked))
+        moments = self._encode(self.params["vae"], masked)
         if enc_rng is None:
-            z = posterior.mean
-            z = jnp.broadcast_to(z, (num_samples,) + z.shape[1:])
+            z_masked = masked_image_latent(moments, None, cfg.scale_factor)
+            z_masked = jnp.broadcast_to(z_masked, (num_samples,) + z_masked.shape[1:])
         else:
             # One posterior draw per sample, as the original encodes each batch element separately.
-            eps = jax.random.normal(enc_rng, (num_samples,) + posterior.mean.shape[1:])
-            z = posterior.mean + posterior.std * eps
+            mean_shape = moments.shape[1:-1] + (moments.shape[-1] // 2,)
+            eps = jax.random.normal(enc_rng, (num_samples,) + mean_shape)
+            z_masked = masked_image_latent(moments, eps, cfg.scale_factor)
         mask_lat, sketch_lat = latent_conditioning(
             jnp.asarray(inputs.keep_mask), None if inputs.sketch is None else jnp.asarray(inputs.sketch),
             (lat, lat), cfg.sketch_edge_type,
         )
         tile = lambda a: None if a is None else jnp.broadcast_to(a, (num_samples,) + a.shape[1:])  # noqa: E731
         return SamplingCond(
-            z_masked=cfg.scale_factor * z, keep_mask=tile(mask_lat), sketch=tile(sketch_lat),
+            z_masked=z_masked, keep_mask=tile(mask_lat), sketch=tile(sketch_lat),
             context=jnp.zeros((num_samples, 1, cfg.context_dim)), uncond_context=None,
         )
 

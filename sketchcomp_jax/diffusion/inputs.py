@@ -43,3 +43,15 @@ def latent_conditioning(
     if sketch is None:
         return mask_latent, None
     return mask_latent, resize_bilinear(sketch_for_input(sketch, keep_mask, edge_type), h, w)
+
+
+def masked_image_latent(moments: jax.Array, eps: jax.Array | None, scale_factor: float) -> jax.Array:
+    """The U-Net's masked-image input from the VAE encoder's moments of `image * keep_mask` (B, h, w, 2C):
+    `scale_factor * z` with z the posterior mean (`eps=None`, "mean" encoding) or the posterior draw
+    `mean + std * eps` (`eps` standard normal, broadcastable to the mean; each caller draws it with its
+    own key convention)."""
+    from sketchcomp_jax.models.vae import DiagonalGaussian
+
+    posterior = DiagonalGaussian(moments)
+    z = posterior.mean if eps is None else posterior.mean + posterior.std * eps
+    return scale_factor * z
