@@ -90,6 +90,7 @@ def test_text_run_becomes_a_model_directory_with_its_tokenizer(text_run, tmp_pat
     assert pipe.config.conditioning == "text" and pipe.tokenizer("cat").shape == (1, 77)
 
 
+@pytest.mark.slow  # a third training compile (~90 s); the 9-channel U-Net is also built by test_convert's surgery tests
 def test_paint_by_e_baseline_has_no_sketch_channels(data_dir, tmp_path):
     summary = train(_cfg("paint_by_e", data_dir), str(tmp_path))
     assert summary["step"] == 2
