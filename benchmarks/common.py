@@ -33,6 +33,20 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def add_torch_compile(fns: list, module, run) -> None:
+    """Appends `lambda: run(torch.compile(module))` to `fns` (the benchmarks' extra torch.compile column),
+    compiling once here so that a failure (torch.compile needs a working C++ toolchain) is reported in one line
+    instead of failing the benchmark."""
+    import torch
+
+    try:
+        compiled = torch.compile(module)
+        run(compiled)
+        fns.append(lambda: run(compiled))
+    except Exception as e:
+        print(f"torch.compile unavailable: {type(e).__name__}: {e}".splitlines()[0])
+
+
 def median_interleaved(fns, repeats: int, warmup: int = 2) -> list[float]:
     """Median wall time of each `fn()`, the calls interleaved (f0, f1, …, f0, f1, …) so that the load of a shared
     machine falls on every side alike; `warmup` calls of each first (compilation excluded)."""

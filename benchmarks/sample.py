@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_sd_unet, median_interleaved, print_result  # noqa: E402
+from benchmarks.common import add_torch_compile, bench_sd_unet, median_interleaved, print_result  # noqa: E402
 
 
 def main() -> None:
@@ -85,12 +85,7 @@ def main() -> None:
     rel = float(np.abs(ours_x - ref_x).max() / np.abs(ref_x).max())
     fns = [jax_once, torch_once]
     if args.compile:
-        try:
-            unet_c = torch.compile(unet_t)
-            torch_once(unet_c)  # compiles here, so a failure is caught
-            fns.append(lambda: torch_once(unet_c))
-        except Exception as e:  # torch.compile needs a working C++ toolchain; report, don't fail
-            print(f"torch.compile unavailable: {type(e).__name__}: {e}".splitlines()[0])
+        add_torch_compile(fns, unet_t, torch_once)
     times = median_interleaved(fns, repeats, warmup=1)
     ours, anchor = times[0], times[1]
     load = os.getloadavg()[0]

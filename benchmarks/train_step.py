@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_sd_model, median_interleaved, print_result  # noqa: E402
+from benchmarks.common import add_torch_compile, bench_sd_model, median_interleaved, print_result  # noqa: E402
 
 
 def main() -> None:
@@ -117,12 +117,7 @@ def main() -> None:
 
     fns = [ours_once, lambda: torch_step(unet_t)]
     if args.compile:
-        try:
-            unet_c = torch.compile(unet_t)
-            torch_step(unet_c)  # compiles here, so a failure is caught
-            fns.append(lambda: torch_step(unet_c))
-        except Exception as e:  # torch.compile needs a working C++ toolchain; report, don't fail
-            print(f"torch.compile unavailable: {type(e).__name__}: {e}".splitlines()[0])
+        add_torch_compile(fns, unet_t, torch_step)
     times = median_interleaved(fns, repeats)
     ours, anchor = times[0], times[1]
     load = os.getloadavg()[0]

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_sd_unet, median_interleaved, print_result  # noqa: E402
+from benchmarks.common import add_torch_compile, bench_sd_unet, median_interleaved, print_result  # noqa: E402
 
 
 def main() -> None:
@@ -67,12 +67,7 @@ def main() -> None:
         fns = [lambda: forward({"params": params}, x_j, t_j, ctx_j).block_until_ready(),
                lambda: unet_t(x, t, encoder_hidden_states=ctx)]
         if args.compile:
-            try:
-                unet_c = torch.compile(unet_t)
-                unet_c(x, t, encoder_hidden_states=ctx)  # compiles here, so a failure is caught
-                fns.append(lambda: unet_c(x, t, encoder_hidden_states=ctx))
-            except Exception as e:  # torch.compile needs a working C++ toolchain; report, don't fail
-                print(f"torch.compile unavailable: {type(e).__name__}: {e}".splitlines()[0])
+            add_torch_compile(fns, unet_t, lambda unet: unet(x, t, encoder_hidden_states=ctx))
         times = median_interleaved(fns, repeats, warmup=3)
     ours, anchor = times[0], times[1]
     compiled = times[2] if len(times) > 2 else None

@@ -36,20 +36,22 @@ def check_image_size(size: tuple[int, int], what: str = "image", where: object =
         raise ValueError(f"{name} is {w}x{h}; each side must be at least {MIN_IMAGE_SIDE} pixels")
 
 
-def _check_path(path: pathlib.Path, what: str) -> None:
+def _checked_path(source: str | os.PathLike, what: str) -> pathlib.Path:
+    """`source` as a path to an existing file; an empty path, a directory or a missing file raise."""
+    if not os.fspath(source).strip():
+        raise ValueError(f"{what}: the path is empty; give an image file")
+    path = pathlib.Path(source)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    return path
 
 
 def image_size(source: str | os.PathLike, what: str = "image") -> tuple[int, int]:
     """(W, H) of an image file from its header only (nothing decoded), after the checks of `load_image`:
     a directory, a missing or non-image file, and a size outside the limits raise ValueError/FileNotFoundError."""
-    if not os.fspath(source).strip():
-        raise ValueError(f"{what}: the path is empty; give an image file")
-    path = pathlib.Path(source)
-    _check_path(path, what)
+    path = _checked_path(source, what)
     try:
         with _open_header(path) as img:
             size = img.size
@@ -112,10 +114,7 @@ def load_image(source: ImageLike, what: str = "image") -> Image.Image:
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         return Image.fromarray(arr)
-    if not os.fspath(source).strip():
-        raise ValueError(f"{what}: the path is empty; give an image file")
-    path = pathlib.Path(source)
-    _check_path(path, what)
+    path = _checked_path(source, what)
     try:
         with _open_header(path) as img:
             check_image_size(img.size, what, path)
