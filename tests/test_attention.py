@@ -137,6 +137,16 @@ def test_chunked_never_materialises_the_full_logits(monkeypatch):
     assert "1,2,1024,1024" in full.replace(" ", "")  # the check can see a full logits array
 
 
+def test_chunked_backward_does_not_replay_the_softmax(monkeypatch):
+    """The written-out backward rebuilds each block's softmax from the saved log-sum-exp: the gradient's
+    program has the forward's row max only (autodiff of checkpointed blocks replays it, a second max)."""
+    monkeypatch.setattr(attn, "QUERY_CHUNK", 64)
+    q, k, v = inputs(256, 8, heads=2, batch=1)
+    text = str(jax.make_jaxpr(jax.grad(lambda q, k, v: backend_fn("chunked", 2)(q, k, v).sum(),
+                                       argnums=(0, 1, 2)))(q, k, v))
+    assert text.count("reduce_max") == 1
+
+
 # --------------------------------------------------------------------------------------- splash
 
 
