@@ -5,8 +5,9 @@ split as PyTorch's `view(B, T, H, D)` does (head-major channel blocks). Logits a
 (`preferred_element_type`) whatever the compute dtype, and the softmax runs in float32.
 
 * `xla`: plain einsums materialising the (B, H, Tq, Tk) logits. Fastest for short sequences.
-* `chunked`: the queries in blocks (`lax.map`) with a FlashAttention-style backward (`jax.custom_vjp`), so
-  only a (B, H, chunk, Tk) slab of logits exists at a time, forward and backward. Any platform.
+* `chunked`: head-major query blocks (`lax.map`) with FlashAttention's deferred normalisation and a written-out
+  backward (`jax.custom_vjp`), so only a (B, H, chunk, Tk) slab of logits exists at a time, forward and
+  backward. Any platform.
 * `splash`: the Pallas TPU splash-attention kernel for self-attention (cross-attention uses `xla`).
   Head dims are zero-padded to a multiple of 128 lanes (scores unchanged; the scale is applied to q),
   sequences padded to a multiple of 128 with the padding in its own segment, the batch (and heads over
@@ -187,81 +188,90 @@ def query_chunk(batch: int, heads: int, t_k: int, platform: str) -> int:
 
 def chunked_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, scale: float, causal: bool = False,
                       query_chunk: int = 1024) -> jax.Array:
-    """`xla_attention` over blocks of `query_chunk` queries; (B, T, H, D) → (B, Tq, H, D).
+    """Attention over blocks of `query_chunk` queries; (B, T, H, D) → (B, Tq, H, D), as `xla_attention`.
 
-    Neither pass holds more than one (B, H, query_chunk, Tk) block of logits. The forward is `xla_attention`
-    per block (`lax.map`), bit for bit. The backward is written out (`jax.custom_vjp`, as FlashAttention's):
-    it keeps only the output and the per-row log-sum-exp of the logits from the forward, rebuilds each
-    block's softmax as exp(logits − lse) and accumulates dK, dV over the blocks in float32. Autodiff of the
-    checkpointed blocks instead replayed the whole softmax forward and its max/sum/divide chain per block:
-    2.2x slower on CPU (docs/benchmarks.md). Tq is zero-padded to a multiple of the chunk (padded rows are
+    Neither pass holds more than one (B, H, query_chunk, Tk) block of logits. The blocks are head-major
+    (q, k, v transposed to (B, H, T, D) once, outside the loop), so both products are plain batched matrix
+    products; the softmax is normalised after the value product (O = (exp(S − m)·V) / Σ exp(S − m)), as
+    FlashAttention does. The backward is written out (`jax.custom_vjp`, FlashAttention's): the forward keeps
+    only the output and each row's log-sum-exp, the backward rebuilds a block's softmax as exp(S − lse) and
+    accumulates dK, dV over the blocks in float32. Each of these measured faster on CPU than the einsum block
+    under autodiff (docs/attention.md). Tq is zero-padded to a multiple of the chunk (padded rows are
     dropped; their gradient is zero)."""
     return _chunked_vjp(qh, kh, vh, scale, causal, min(query_chunk, qh.shape[1]))
 
 
-def _query_blocks(x: jax.Array, chunk: int) -> jax.Array:
-    """(B, T, H, D) → (n_blocks, B, chunk, H, D), T zero-padded to a multiple of `chunk`."""
+def _head_major(x: jax.Array) -> jax.Array:
+    """(B, T, H, D) → (B, H, T, D)."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def _query_blocks(x: jax.Array, chunk: int, head_major: bool) -> jax.Array:
+    """(B, T, H, D) → (n_blocks, B, H, chunk, D) if `head_major` else (n_blocks, B, chunk, H, D); T zero-padded
+    to a multiple of `chunk`."""
     batch, t, heads, dim = x.shape
     n_blocks = -(-t // chunk)
     x = jnp.pad(x, ((0, 0), (0, n_blocks * chunk - t), (0, 0), (0, 0)))
-    return x.reshape(batch, n_blocks, chunk, heads, dim).swapaxes(0, 1)
+    x = x.reshape(batch, n_blocks, chunk, heads, dim)
+    return x.transpose(1, 0, 3, 2, 4) if head_major else x.swapaxes(0, 1)
 
 
-def _from_query_blocks(x: jax.Array, t: int) -> jax.Array:
-    """Inverse of `_query_blocks`: (n_blocks, B, chunk, H, D) → (B, T, H, D)."""
-    n_blocks, batch, chunk, heads, dim = x.shape
-    return x.swapaxes(0, 1).reshape(batch, n_blocks * chunk, heads, dim)[:, :t]
+def _from_query_blocks(x: jax.Array, t: int, head_major: bool) -> jax.Array:
+    """Inverse of `_query_blocks`: blocks → (B, T, H, D)."""
+    x = x.transpose(1, 0, 3, 2, 4) if head_major else x.swapaxes(0, 1)
+    batch, n_blocks, chunk, heads, dim = x.shape
+    return x.reshape(batch, n_blocks * chunk, heads, dim)[:, :t]
 
 
-def _block_logits(q_block: jax.Array, kh: jax.Array, scale: float, causal: bool, q_offset: jax.Array) -> jax.Array:
-    """(B, H, chunk, Tk) float32 scaled logits of one query block, -inf where a causal mask forbids."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q_block, kh, preferred_element_type=jnp.float32) * scale
+def _block_logits(q_block: jax.Array, keys: jax.Array, scale: float, causal: bool, q_offset: jax.Array,
+                  head_major: bool) -> jax.Array:
+    """(B, H, chunk, Tk) float32 scaled logits of one query block (layouts as `_query_blocks`; keys (B, H, Tk, D)
+    or (B, Tk, H, D) alike); -inf where causality forbids."""
+    spec = "bhqd,bhkd->bhqk" if head_major else "bqhd,bkhd->bhqk"
+    logits = jnp.einsum(spec, q_block, keys, preferred_element_type=jnp.float32) * scale
     if causal:
-        allowed = _causal_allowed(q_offset + jnp.arange(q_block.shape[1]), kh.shape[1])
+        # The diagonal is always allowed (padded rows see every key), so no row is fully masked.
+        allowed = _causal_allowed(q_offset + jnp.arange(logits.shape[2]), logits.shape[3])
         logits = jnp.where(allowed[None, None], logits, -jnp.inf)
     return logits
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _chunked_vjp(qh: jax.Array, kh: jax.Array, vh: jax.Array, scale: float, causal: bool, chunk: int) -> jax.Array:
-    def block(args):
-        q_block, index = args
-        return xla_attention(q_block, kh, vh, scale, causal, q_offset=index * chunk)
-
-    q_blocks = _query_blocks(qh, chunk)
-    out = jax.lax.map(block, (q_blocks, jnp.arange(q_blocks.shape[0])))
-    return _from_query_blocks(out, qh.shape[1])
+    return _chunked_forward(qh, kh, vh, scale, causal, chunk)[0]
 
 
 def _chunked_forward(qh, kh, vh, scale, causal, chunk):
-    """The forward with the residuals of `_chunked_backward`: q, k, v, the output and lse (n, B, H, chunk)."""
+    """Output and the residuals of `_chunked_backward`: q, k, v, the output and lse (n, B, H, chunk)."""
+    k_heads, v_heads = _head_major(kh), _head_major(vh)
 
     def block(args):
         q_block, index = args
-        logits = _block_logits(q_block, kh, scale, causal, index * chunk)
-        # jax.nn.softmax's own formula, keeping the row sums for the log-sum-exp.
+        logits = _block_logits(q_block, k_heads, scale, causal, index * chunk, head_major=True)
         row_max = logits.max(axis=-1, keepdims=True)
         unnormalised = jnp.exp(logits - row_max)
         row_sum = unnormalised.sum(axis=-1, keepdims=True)
-        weights = (unnormalised / row_sum).astype(vh.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, vh, preferred_element_type=jnp.float32).astype(qh.dtype)
-        return out, (row_max + jnp.log(row_sum))[..., 0]
+        out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(vh.dtype), v_heads,
+                         preferred_element_type=jnp.float32) / row_sum
+        return out.astype(qh.dtype), (row_max + jnp.log(row_sum))[..., 0]
 
-    q_blocks = _query_blocks(qh, chunk)
+    q_blocks = _query_blocks(qh, chunk, head_major=True)
     out_blocks, lse = jax.lax.map(block, (q_blocks, jnp.arange(q_blocks.shape[0])))
-    out = _from_query_blocks(out_blocks, qh.shape[1])
+    out = _from_query_blocks(out_blocks, qh.shape[1], head_major=True)
     return out, (qh, kh, vh, out, lse)
 
 
 def _chunked_backward(scale, causal, chunk, residuals, d_out):
-    """dQ per query block; dK, dV summed over the blocks (float32 carries), as FlashAttention's backward."""
+    """dQ per query block; dK, dV summed over the blocks (float32 carries), as FlashAttention's backward.
+    Token-major blocks: head-major ones measured 2x slower here (the dK/dV products contract over the rows)."""
     qh, kh, vh, out, lse = residuals
     f32 = jnp.float32
 
     def block(carry, xs):
         dk, dv = carry
         q_block, out_block, d_out_block, lse_block, index = xs
-        weights = jnp.exp(_block_logits(q_block, kh, scale, causal, index * chunk) - lse_block[..., None])
+        logits = _block_logits(q_block, kh, scale, causal, index * chunk, head_major=False)
+        weights = jnp.exp(logits - lse_block[..., None])
         dv = dv + jnp.einsum("bhqk,bqhd->bkhd", weights.astype(vh.dtype), d_out_block, preferred_element_type=f32)
         d_weights = jnp.einsum("bqhd,bkhd->bhqk", d_out_block, vh, preferred_element_type=f32)
         # Σ_k P·dP per row equals Σ_d dO·O (the softmax Jacobian's row term, from the small arrays).
@@ -271,10 +281,12 @@ def _chunked_backward(scale, causal, chunk, residuals, d_out):
         dk = dk + jnp.einsum("bhqk,bqhd->bkhd", d_logits.astype(qh.dtype), q_block, preferred_element_type=f32)
         return (dk, dv), dq.astype(qh.dtype)
 
-    q_blocks = _query_blocks(qh, chunk)
-    blocks = (q_blocks, _query_blocks(out, chunk), _query_blocks(d_out, chunk), lse, jnp.arange(q_blocks.shape[0]))
-    (dk, dv), dq_blocks = jax.lax.scan(block, (jnp.zeros(kh.shape, f32), jnp.zeros(vh.shape, f32)), blocks)
-    return _from_query_blocks(dq_blocks, qh.shape[1]), dk.astype(kh.dtype), dv.astype(vh.dtype)
+    q_blocks = _query_blocks(qh, chunk, head_major=False)
+    blocks = (q_blocks, _query_blocks(out, chunk, head_major=False), _query_blocks(d_out, chunk, head_major=False),
+              lse, jnp.arange(q_blocks.shape[0]))
+    zeros = (jnp.zeros(kh.shape, f32), jnp.zeros(vh.shape, f32))
+    (dk, dv), dq_blocks = jax.lax.scan(block, zeros, blocks)
+    return _from_query_blocks(dq_blocks, qh.shape[1], head_major=False), dk.astype(kh.dtype), dv.astype(vh.dtype)
 
 
 _chunked_vjp.defvjp(_chunked_forward, _chunked_backward)
