@@ -43,10 +43,9 @@ TPU_SPLASH_MIN_TOKENS = 1024
 # at 256 and 1024 tokens small query blocks are 3-4x faster than one (B, H, T, T) fusion, at 64 equal.
 CPU_CHUNKED_MIN_TOKENS = 256
 # `chunked`: query rows per chunk are the largest power of two (>= the platform's minimum) whose fp32 logits
-# (B, H, rows, Tk) fit this many bytes. On CPU a 2 MiB slab stays in cache: at 1024 tokens 32-row blocks
-# beat 256-row (16 MiB) blocks by ~2x, and at 4096 tokens 16 MiB beat 64-128 MiB ~3x (docs/attention.md).
-# Elsewhere it only bounds memory.
-CHUNK_BYTES = {"cpu": 2 * 2**20}
+# (B, H, rows, Tk) fit this many bytes. On CPU a 4 MiB slab stays in cache: with head-major blocks 4-8 MiB
+# blocks are fastest and 16 MiB ones 2.5-5x slower (docs/attention.md). Elsewhere it only bounds memory.
+CHUNK_BYTES = {"cpu": 4 * 2**20}
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 QUERY_CHUNK: int | None = None  # a fixed number of query rows per chunk instead (tests)
 MIN_QUERY_CHUNKS = {"cpu": 32}
