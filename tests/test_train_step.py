@@ -52,6 +52,8 @@ def run_steps(model, mesh, strategy, batches, min_size=256):
     return state, losses, compiled
 
 
+@pytest.mark.slow  # three step compiles (~100 s); by default test_partitioning's fsdp x tensor run matches the single
+# device and test_train_loop's restore trains on a data x fsdp mesh
 def test_dp_and_fsdp_match_single_device(tiny_model):
     batches = [random_batch(8, i) for i in range(2)]
     single, l1, _ = run_steps(tiny_model, make_mesh({"data": 1}, devices=jax.devices()[:1]), "dp", batches)
