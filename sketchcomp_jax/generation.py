@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sketchcomp_jax.diffusion.inputs import latent_conditioning, masked_image_latent
+from sketchcomp_jax.diffusion.inputs import latent_conditioning, masked_image_latent, posterior_latent_shape
 from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
 from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.models.config import ModelConfig, Networks
@@ -80,8 +80,8 @@ class BatchGenerator:
         x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), noise_shape))(keys)
         eps = None
         if self.vae_encode != "mean":
-            mean_shape = moments.shape[1:-1] + (moments.shape[-1] // 2,)
-            eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), mean_shape))(keys)
+            latent_shape = posterior_latent_shape(moments)
+            eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), latent_shape))(keys)
         z_masked = masked_image_latent(moments, eps, cfg.scale_factor)
         mask_lat, sketch_lat = latent_conditioning(keep, batch["sketch"] if cfg.uses_sketch else None, (lat, lat),
                                                    cfg.sketch_edge_type)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from sketchcomp_jax import imageio
-from sketchcomp_jax.diffusion.inputs import latent_conditioning, masked_image_latent
+from sketchcomp_jax.diffusion.inputs import latent_conditioning, masked_image_latent, posterior_latent_shape
 from sketchcomp_jax.diffusion.samplers import SamplingCond, make_sampler
 from sketchcomp_jax.diffusion.schedule import schedule_for
 from sketchcomp_jax.model_source import load_model_source
@@ -265,8 +265,7 @@ class SketchCompositionPipeline:
             z_masked = jnp.broadcast_to(z_masked, (num_samples,) + z_masked.shape[1:])
         else:
             # One posterior draw per sample, as the original encodes each batch element separately.
-            mean_shape = moments.shape[1:-1] + (moments.shape[-1] // 2,)
-            eps = jax.random.normal(enc_rng, (num_samples,) + mean_shape)
+            eps = jax.random.normal(enc_rng, (num_samples, *posterior_latent_shape(moments)))
             z_masked = masked_image_latent(moments, eps, cfg.scale_factor)
         mask_lat, sketch_lat = latent_conditioning(
             jnp.asarray(inputs.keep_mask), None if inputs.sketch is None else jnp.asarray(inputs.sketch),

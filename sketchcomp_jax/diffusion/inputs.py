@@ -45,6 +45,12 @@ def latent_conditioning(
     return mask_latent, resize_bilinear(sketch_for_input(sketch, keep_mask, edge_type), h, w)
 
 
+def posterior_latent_shape(moments: jax.Array) -> tuple[int, ...]:
+    """(h, w, C): one image's latent (the posterior mean, and the `eps` of `masked_image_latent`) from the VAE
+    encoder's moments (B, h, w, 2C)."""
+    return (*moments.shape[1:-1], moments.shape[-1] // 2)
+
+
 def masked_image_latent(moments: jax.Array, eps: jax.Array | None, scale_factor: float) -> jax.Array:
     """The U-Net's masked-image input from the VAE encoder's moments of `image * keep_mask` (B, h, w, 2C):
     `scale_factor * z` with z the posterior mean (`eps=None`, "mean" encoding) or the posterior draw

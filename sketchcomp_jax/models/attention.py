@@ -159,19 +159,26 @@ def _causal_allowed(q_positions: jax.Array, t_k: int) -> jax.Array:
     return q_positions[:, None] >= jnp.arange(t_k)[None, :]
 
 
-def xla_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, scale: float, causal: bool = False,
-                  q_offset: jax.Array | int = 0) -> jax.Array:
-    """Einsum attention on (B, T, H, D) arrays → (B, Tq, H, D), materialising (B, H, Tq, Tk) fp32 logits.
-
-    `q_offset` is the position of the first query (for causal masking of a query chunk)."""
-    # Plain einsums: on CPU this is ~2.5x faster than jax.nn.dot_product_attention's XLA path, and XLA
-    # fuses it well on TPU. The scale multiplies the logits, as the original's `einsum(q, k) * scale`.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
+def _block_logits(q_block: jax.Array, keys: jax.Array, scale: float, causal: bool, q_offset: jax.Array | int,
+                  head_major: bool) -> jax.Array:
+    """(B, H, Tq, Tk) float32 scaled logits of queries starting at position `q_offset`: token-major (B, T, H, D)
+    q and keys, or head-major (B, H, T, D) ones (`head_major`); -inf where causality forbids."""
+    # The scale multiplies the logits, as the original's `einsum(q, k) * scale`.
+    spec = "bhqd,bhkd->bhqk" if head_major else "bqhd,bkhd->bhqk"
+    logits = jnp.einsum(spec, q_block, keys, preferred_element_type=jnp.float32) * scale
     if causal:
-        # The diagonal is always allowed, so no row is fully masked and -inf is safe (exp gives exact 0,
-        # as transformers' additive finfo.min mask does).
-        allowed = _causal_allowed(q_offset + jnp.arange(qh.shape[1]), kh.shape[1])
+        # The diagonal is always allowed (padded query rows see every key), so no row is fully masked and -inf
+        # is safe (exp gives exact 0, as transformers' additive finfo.min mask does).
+        allowed = _causal_allowed(q_offset + jnp.arange(logits.shape[2]), logits.shape[3])
         logits = jnp.where(allowed[None, None], logits, -jnp.inf)
+    return logits
+
+
+def xla_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, scale: float, causal: bool = False) -> jax.Array:
+    """Einsum attention on (B, T, H, D) arrays → (B, Tq, H, D), materialising (B, H, Tq, Tk) fp32 logits."""
+    # Plain einsums: on CPU this is ~2.5x faster than jax.nn.dot_product_attention's XLA path, and XLA
+    # fuses it well on TPU.
+    logits = _block_logits(qh, kh, scale, causal, 0, head_major=False)
     weights = jax.nn.softmax(logits, axis=-1).astype(vh.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, vh, preferred_element_type=jnp.float32)
     return out.astype(qh.dtype)
@@ -220,19 +227,6 @@ def _from_query_blocks(x: jax.Array, t: int, head_major: bool) -> jax.Array:
     x = x.transpose(1, 0, 3, 2, 4) if head_major else x.swapaxes(0, 1)
     batch, n_blocks, chunk, heads, dim = x.shape
     return x.reshape(batch, n_blocks * chunk, heads, dim)[:, :t]
-
-
-def _block_logits(q_block: jax.Array, keys: jax.Array, scale: float, causal: bool, q_offset: jax.Array,
-                  head_major: bool) -> jax.Array:
-    """(B, H, chunk, Tk) float32 scaled logits of one query block (layouts as `_query_blocks`; keys (B, H, Tk, D)
-    or (B, Tk, H, D) alike); -inf where causality forbids."""
-    spec = "bhqd,bhkd->bhqk" if head_major else "bqhd,bkhd->bhqk"
-    logits = jnp.einsum(spec, q_block, keys, preferred_element_type=jnp.float32) * scale
-    if causal:
-        # The diagonal is always allowed (padded rows see every key), so no row is fully masked.
-        allowed = _causal_allowed(q_offset + jnp.arange(logits.shape[2]), logits.shape[3])
-        logits = jnp.where(allowed[None, None], logits, -jnp.inf)
-    return logits
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
